@@ -14,6 +14,7 @@ CORE_SOURCES = [
     "csrc/_coremodule.c",
     "csrc/partition.c",
     "csrc/schedule.c",
+    "csrc/shm.c",
 ]
 
 extra_compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra"]

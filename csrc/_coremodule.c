@@ -30,6 +30,7 @@
 
 #include "partition.h"
 #include "schedule.h"
+#include "shm.h"
 #include "status.h"
 
 /* ------------------------------------------------------------------------ */
@@ -40,6 +41,7 @@ typedef struct {
     PyObject *error;             /* asyncdiff._core.AsyncDiffError */
     PyTypeObject *schedule_type; /* Schedule */
     PyTypeObject *plan_type;     /* Plan (struct sequence) */
+    PyTypeObject *shm_type;      /* ShmTransport */
     /* MORE BINDINGS: transport types and objects go here; add them to
      * core_traverse and core_clear as well. */
 } core_state;
@@ -807,6 +809,383 @@ static PyType_Spec schedule_spec = {
 /* ------------------------------------------------------------------------ */
 
 /* ------------------------------------------------------------------------ */
+/* ShmTransport: csrc/shm.c for Python                                      */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * One rank's handle on the shared-memory transport.  Buffers come in through
+ * the buffer protocol (NumPy views of tensors), so a wrong size or a
+ * read-only buffer is an exception, never a stray write.  Every wait and copy
+ * runs with the GIL released; `busy` keeps a second thread from detaching the
+ * handle while the first one is inside the C transport without the GIL.
+ */
+typedef struct {
+    PyObject_HEAD
+    ad_shm *handle; /* NULL once detached */
+    int busy;
+} ShmObject;
+
+/* A non-negative finite timeout in seconds (int or float). */
+static int timeout_arg(PyObject *obj, double *out)
+{
+    double v;
+    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) {
+        PyErr_Format(PyExc_TypeError, "timeout must be a number of seconds, not %.200s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(v >= 0.0) || v > 1e9) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be finite and >= 0 seconds");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int shm_usable(ShmObject *self)
+{
+    if (self->handle == NULL) {
+        PyErr_SetString(PyExc_ValueError, "transport is detached");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *shm_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"name", "world_size", "rank", "create", "timeout", NULL};
+    const char *name;
+    PyObject *world_obj, *rank_obj, *create_obj, *timeout_obj;
+    long long world, rank;
+    int create;
+    double timeout;
+    ad_shm *handle = NULL;
+    ShmObject *self = NULL;
+    ad_err err = {0};
+    ad_status s;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOOO:ShmTransport", kwlist, &name,
+                                     &world_obj, &rank_obj, &create_obj, &timeout_obj))
+        goto error;
+    if (int_arg(world_obj, "world_size", INT_MIN, INT_MAX, &world) < 0 ||
+        int_arg(rank_obj, "rank", INT_MIN, INT_MAX, &rank) < 0 ||
+        flag_arg(create_obj, "create", &create) < 0 || timeout_arg(timeout_obj, &timeout) < 0)
+        goto error;
+    Py_BEGIN_ALLOW_THREADS
+    s = ad_shm_attach(name, (int)world, (int)rank, create, timeout, &handle, &err);
+    Py_END_ALLOW_THREADS
+    if (s != AD_OK) {
+        raise_status((core_state *)PyType_GetModuleState(type), s, &err);
+        goto error;
+    }
+    self = (ShmObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        goto error;
+    self->handle = handle;
+    handle = NULL;
+    return (PyObject *)self;
+error:
+    ad_shm_detach(handle, 1);
+    Py_CLEAR(self);
+    return NULL;
+}
+
+static void shm_dealloc(PyObject *op)
+{
+    ShmObject *self = (ShmObject *)op;
+    PyTypeObject *tp = Py_TYPE(op);
+    /* A handle never detached explicitly leaves as failed: its peers must
+     * not wait for it any more. */
+    ad_shm_detach(self->handle, 1);
+    self->handle = NULL;
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+/*
+ * Parse `items`, a sequence of (offset, buffer) pairs, into C items.  The
+ * buffers stay acquired in `views` until release_items.
+ */
+static int items_arg(PyObject *seq_obj, int writable, ad_shm_item **items_out,
+                     Py_buffer **views_out, Py_ssize_t *n_out)
+{
+    PyObject *seq = NULL;
+    ad_shm_item *items = NULL;
+    Py_buffer *views = NULL;
+    Py_ssize_t n, got = 0;
+
+    seq = PySequence_Fast(seq_obj, "items must be a sequence of (offset, buffer) pairs");
+    if (seq == NULL)
+        goto error;
+    n = PySequence_Fast_GET_SIZE(seq);
+    items = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *items);
+    views = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *views);
+    if (items == NULL || views == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (; got < n; got++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, got);
+        long long offset;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "items must hold (offset, buffer) tuples");
+            goto error;
+        }
+        if (int_arg(PyTuple_GET_ITEM(pair, 0), "items offset", 0, LLONG_MAX, &offset) < 0)
+            goto error;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 1), &views[got],
+                               writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+                                        : PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "items buffer %zd must be a C-contiguous%s buffer",
+                         got, writable ? " writable" : "");
+            goto error;
+        }
+        items[got].offset = (size_t)offset;
+        items[got].ptr = views[got].buf;
+        items[got].nbytes = (size_t)views[got].len;
+    }
+    Py_DECREF(seq);
+    *items_out = items;
+    *views_out = views;
+    *n_out = n;
+    return 0;
+error:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(items);
+    PyMem_Free(views);
+    Py_XDECREF(seq);
+    return -1;
+}
+
+static void release_items(ad_shm_item *items, Py_buffer *views, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(items);
+    PyMem_Free(views);
+}
+
+/* publish(seq, items, timeout) and fetch(seq, src, items, timeout) share this. */
+static PyObject *shm_move(ShmObject *self, PyTypeObject *cls, int fetch, PyObject *seq_obj,
+                          PyObject *src_obj, PyObject *items_obj, PyObject *timeout_obj)
+{
+    core_state *st = (core_state *)PyType_GetModuleState(cls);
+    long long seq, src = -1;
+    double timeout;
+    ad_shm_item *items = NULL;
+    Py_buffer *views = NULL;
+    Py_ssize_t n = 0;
+    ad_err err = {0};
+    ad_status s;
+
+    if (shm_usable(self) < 0)
+        goto error;
+    if (int_arg(seq_obj, "seq", 1, LLONG_MAX, &seq) < 0 ||
+        (fetch && int_arg(src_obj, "src", INT_MIN, INT_MAX, &src) < 0) ||
+        timeout_arg(timeout_obj, &timeout) < 0)
+        goto error;
+    if (items_arg(items_obj, fetch, &items, &views, &n) < 0)
+        goto error;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (fetch)
+        s = ad_shm_fetch(self->handle, (uint64_t)seq, (int)src, items, (size_t)n, timeout, &err);
+    else
+        s = ad_shm_publish(self->handle, (uint64_t)seq, items, (size_t)n, timeout, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    release_items(items, views, n);
+    if (s != AD_OK) {
+        raise_status(st, s, &err);
+        goto error;
+    }
+    Py_RETURN_NONE;
+error:
+    return NULL;
+}
+
+static PyObject *shm_publish(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (kwnames != NULL || nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "publish(seq, items, timeout) takes 3 positional arguments");
+        return NULL;
+    }
+    return shm_move((ShmObject *)op, cls, 0, args[0], NULL, args[1], args[2]);
+}
+
+static PyObject *shm_fetch(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                           Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (kwnames != NULL || nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "fetch(seq, src, items, timeout) takes 4 positional arguments");
+        return NULL;
+    }
+    return shm_move((ShmObject *)op, cls, 1, args[0], args[1], args[2], args[3]);
+}
+
+/* barrier(timeout) and reserve(nbytes, timeout). */
+static PyObject *shm_collective(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                                Py_ssize_t nargs, PyObject *kwnames, int reserve)
+{
+    ShmObject *self = (ShmObject *)op;
+    core_state *st = (core_state *)PyType_GetModuleState(cls);
+    long long nbytes = 0;
+    double timeout;
+    ad_err err = {0};
+    ad_status s;
+
+    if (kwnames != NULL || nargs != (reserve ? 2 : 1)) {
+        PyErr_SetString(PyExc_TypeError, reserve ? "reserve(nbytes, timeout) takes 2 positional arguments"
+                                                 : "barrier(timeout) takes 1 positional argument");
+        return NULL;
+    }
+    if (shm_usable(self) < 0)
+        return NULL;
+    if ((reserve && int_arg(args[0], "nbytes", 0, LLONG_MAX / 4, &nbytes) < 0) ||
+        timeout_arg(args[reserve ? 1 : 0], &timeout) < 0)
+        return NULL;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (reserve)
+        s = ad_shm_reserve(self->handle, (size_t)nbytes, timeout, &err);
+    else
+        s = ad_shm_barrier(self->handle, timeout, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (s != AD_OK) {
+        raise_status(st, s, &err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *shm_barrier(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames)
+{
+    return shm_collective(op, cls, args, nargs, kwnames, 0);
+}
+
+static PyObject *shm_reserve(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames)
+{
+    return shm_collective(op, cls, args, nargs, kwnames, 1);
+}
+
+static PyObject *shm_ack(PyObject *op, PyObject *seq_obj)
+{
+    ShmObject *self = (ShmObject *)op;
+    long long seq;
+    if (shm_usable(self) < 0 || int_arg(seq_obj, "seq", 0, LLONG_MAX, &seq) < 0)
+        return NULL;
+    ad_shm_ack(self->handle, (uint64_t)seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *shm_detach(PyObject *op, PyObject *failed_obj)
+{
+    ShmObject *self = (ShmObject *)op;
+    int failed;
+    if (flag_arg(failed_obj, "failed", &failed) < 0)
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
+        return NULL;
+    }
+    ad_shm_detach(self->handle, failed);
+    self->handle = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *shm_get_capacity(PyObject *op, void *closure)
+{
+    ShmObject *self = (ShmObject *)op;
+    (void)closure;
+    return PyLong_FromSize_t(self->handle ? ad_shm_capacity(self->handle) : 0);
+}
+
+static PyObject *shm_get_attached(PyObject *op, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(((ShmObject *)op)->handle != NULL);
+}
+
+static PyObject *core_shm_unlink(PyObject *module, PyObject *name_obj)
+{
+    ad_err err = {0};
+    ad_status s;
+    const char *name;
+    if (!PyUnicode_Check(name_obj)) {
+        PyErr_Format(PyExc_TypeError, "name must be a str, not %.200s", Py_TYPE(name_obj)->tp_name);
+        return NULL;
+    }
+    name = PyUnicode_AsUTF8(name_obj);
+    if (name == NULL)
+        return NULL;
+    s = ad_shm_unlink(name, &err);
+    if (s != AD_OK) {
+        raise_status(get_state(module), s, &err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(shm_unlink_doc,
+"shm_unlink(name)\n--\n\n"
+"Remove a shared-memory control segment's name (rank 0, once all ranks are\n"
+"attached).  A name already gone is not an error.");
+
+static PyGetSetDef shm_getset[] = {
+    {"capacity", shm_get_capacity, NULL, "bytes in each data buffer", NULL},
+    {"attached", shm_get_attached, NULL, "False once detached", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+#define SHM_METHOD(name, doc) \
+    {#name, (PyCFunction)(void (*)(void))shm_##name, METH_METHOD | METH_FASTCALL | METH_KEYWORDS, doc}
+
+static PyMethodDef shm_methods[] = {
+    SHM_METHOD(publish, "publish(seq, items, timeout): copy (offset, buffer) items in as event seq"),
+    SHM_METHOD(fetch, "fetch(seq, src, items, timeout): copy rank src's items of event seq out"),
+    SHM_METHOD(barrier, "barrier(timeout): wait for every rank"),
+    SHM_METHOD(reserve, "reserve(nbytes, timeout): collective; data buffers of at least nbytes"),
+    {"ack", shm_ack, METH_O, "ack(seq): done reading every event <= seq"},
+    {"detach", shm_detach, METH_O, "detach(failed): leave; peers waiting on this rank fail at once"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(shm_doc,
+"ShmTransport(name, world_size, rank, create, timeout)\n--\n\n"
+"One rank's handle on the shared-memory transport (csrc/shm.c).  Rank 0\n"
+"creates the segment `name`; the others attach to it.");
+
+static PyType_Slot shm_slots[] = {
+    {Py_tp_new, shm_new},
+    {Py_tp_dealloc, shm_dealloc},
+    {Py_tp_getset, shm_getset},
+    {Py_tp_methods, shm_methods},
+    {Py_tp_doc, (void *)shm_doc},
+    {0, NULL},
+};
+
+static PyType_Spec shm_spec = {
+    .name = "asyncdiff._core.ShmTransport",
+    .basicsize = sizeof(ShmObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = shm_slots,
+};
+
+/* ------------------------------------------------------------------------ */
 /* Module definition                                                        */
 /* ------------------------------------------------------------------------ */
 
@@ -817,6 +1196,7 @@ static PyMethodDef core_methods[] = {
      METH_VARARGS | METH_KEYWORDS, validate_assignment_doc},
     {"cost_summary", (PyCFunction)(void (*)(void))core_cost_summary,
      METH_VARARGS | METH_KEYWORDS, cost_summary_doc},
+    {"shm_unlink", core_shm_unlink, METH_O, shm_unlink_doc},
     /* MORE BINDINGS: module-level functions. */
     {NULL, NULL, 0, NULL},
 };
@@ -856,6 +1236,10 @@ static int core_exec(PyObject *module)
     if (st->plan_type == NULL || PyModule_AddType(module, st->plan_type) < 0)
         goto error;
 
+    st->shm_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &shm_spec, NULL);
+    if (st->shm_type == NULL || PyModule_AddType(module, st->shm_type) < 0)
+        goto error;
+
     /* MORE BINDINGS: create transport types / constants here. */
     return 0;
 error:
@@ -870,6 +1254,7 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->error);
     Py_VISIT(st->schedule_type);
     Py_VISIT(st->plan_type);
+    Py_VISIT(st->shm_type);
     return 0;
 }
 
@@ -879,6 +1264,7 @@ static int core_clear(PyObject *module)
     Py_CLEAR(st->error);
     Py_CLEAR(st->schedule_type);
     Py_CLEAR(st->plan_type);
+    Py_CLEAR(st->shm_type);
     return 0;
 }
 
