@@ -1,0 +1,57 @@
+"""One rank of a multi-process test run (started by tests/mp.py, or torchrun).
+
+Reads a JSON list of configurations, runs each with AsyncDiff over the shm
+transport and saves the latents and block-execution counts per rank.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from asyncdiff import AsyncDiff, tiny  # noqa: E402
+
+
+def run(config: dict, pipe, rank: int):
+    kwargs = tiny.default_call_kwargs(config["arch"])
+    kwargs["num_inference_steps"] = config.get("steps", kwargs.get("num_inference_steps", 6))
+    kwargs.pop("generator")
+    die = config.get("die")
+    if die and die["rank"] == rank:
+        def stop(_pipe, step, _t, cb_kwargs):
+            if step == die["step"]:
+                os._exit(3)
+            return cb_kwargs
+        kwargs["callback_on_step_end"] = stop
+    ad = AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], warm_up=config["warm_up"],
+                   time_shift=config.get("time_shift", False), split=config.get("split"),
+                   timeout=config.get("timeout", 60.0))
+    try:
+        results = []
+        for _ in range(config.get("repeat", 1)):
+            out = pipe(**kwargs, generator=torch.Generator().manual_seed(config.get("seed", 0)))
+            results.append(out.images if hasattr(out, "images") else out.frames)
+        return {"latents": results, "counts": dict(ad.counts), "split": str(ad.split)}
+    finally:
+        ad.remove()
+
+
+def main():
+    configs = json.load(open(sys.argv[1]))
+    outdir = sys.argv[2]
+    rank = int(os.environ["RANK"])
+    pipes = {}
+    for cfg in configs:
+        arch = cfg["arch"]
+        if arch not in pipes:
+            pipes[arch] = tiny.build_pipeline(arch, seed=0)
+        result = run(cfg, pipes[arch], rank)
+        torch.save(result, os.path.join(outdir, f"{cfg['id']}.rank{rank}.pt"))
+    print(f"rank {rank} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
