@@ -142,8 +142,8 @@ class AsyncDiff:
         self._cache: dict = {}  # multi-process: this rank's cached outputs
         self._slots: dict | None = None
         self._layout_key = None
-        self._seq = 0
-        self._pending: int | None = None
+        self._seq = 0  # transport events so far (alike on every rank)
+        self._synced_seq = -1  # the event that last delivered the owners' outputs
         self._block_forwards: dict = {}
         if self.mode == "shm":
             from .transport import open_transport
@@ -176,6 +176,7 @@ class AsyncDiff:
         return "shm", rank
 
     def _hook_blocks(self):
+        self._plan_traffic()
         for unit in self.split.owner:
             mod = self.layout.module(unit, self.denoiser)
             self._block_forwards[unit] = (mod, mod.__dict__.get("forward"))
@@ -256,7 +257,6 @@ class AsyncDiff:
         timesteps = full[begin:]
         schedule = _core.Schedule(self.model_n, self.stride, self.warm_up, int(self.time_shift), len(timesteps))
         self._call = _Call(source, timesteps, schedule)
-        self._pending = None
 
     def _step(self, args, kwargs):
         bound = self._sig.bind(*args, **kwargs)
@@ -313,7 +313,6 @@ class AsyncDiff:
     # ------------------------------------------------------------- emulation
     def _emulated(self, bound, call: _Call, k: int):
         sched = call.schedule
-        owner = self.split.owner
         first = sched.plan(0, k)
         if first.warmup:
             p = _Pass(0, True, frozenset(), first.store, {}, False)
@@ -330,8 +329,7 @@ class AsyncDiff:
         for r, pl in enumerate(plans):
             if pl.compute_component < 0:
                 continue
-            mine = frozenset(u for u, c in owner.items() if c == pl.compute_component)
-            p = _Pass(r, False, mine, pl.store, self._published, True)
+            p = _Pass(r, False, self._units_of[pl.compute_component], pl.store, self._published, True)
             outs[r] = self._run(bound, p, call, pl.timestep_index)
             staged.update(p.stores)
         self._published.update(staged)
@@ -340,24 +338,33 @@ class AsyncDiff:
     # ---------------------------------------------------------- multi-process
     def _as_rank(self, bound, call: _Call, k: int):
         plan = call.schedule.plan(self.rank, k)
-        if plan.sync:
-            self._sync()
+        if plan.sync and self._synced_seq != self._seq:
+            # the owners' outputs arrive at the exchange that ends the call before a sync
+            raise RuntimeError("AsyncDiff: a sync with nothing exchanged before it (schedule out of step)")
         if plan.warmup:
             p = _Pass(self.rank, True, frozenset(), plan.store, {}, False)
         else:
             c = plan.compute_component
-            mine = frozenset(u for u, o in self.split.owner.items() if o == c) if c >= 0 else frozenset()
-            p = _Pass(self.rank, False, mine, plan.store, self._cache, True)
+            p = _Pass(self.rank, False, self._units_of[c] if c >= 0 else frozenset(), plan.store, self._cache, True)
         out = self._run(bound, p, call, plan.timestep_index)
         if plan.store:
+            stored = {u: (spec, [t.contiguous() for t in ts]) for u, (spec, ts) in p.stores.items()}
             if plan.warmup:
-                self._cache = {u: (spec, [t.contiguous() for t in ts]) for u, (spec, ts) in p.stores.items()}
+                self._cache = stored
                 self._plan_slots(out)
             else:
-                self._cache.update({u: (spec, [t.contiguous() for t in ts]) for u, (spec, ts) in p.stores.items()})
+                self._cache.update(stored)
         if plan.exchange:
             out = self._exchange(plan, call, k, out)
         return out
+
+    def _plan_traffic(self):
+        """Who reads which unit: every rank reads the units it does not own
+        (the extra rank of stride 2 reads them all)."""
+        owner = self.split.owner
+        self._units_of = {c: frozenset(comp) for c, comp in enumerate(self.split.components)}
+        self._needs = {r: sorted(u for u in owner if owner[u] != r) for r in range(self.world_size)}
+        self._readers = {u: frozenset(r for r, units in self._needs.items() if u in units) for u in owner}
 
     def _plan_slots(self, out):
         """Byte offsets of every unit's tensors and of the result, alike on all ranks."""
@@ -378,46 +385,31 @@ class AsyncDiff:
         self._slots, self._layout_key = slots, key
 
     def _exchange(self, plan, call: _Call, k: int, out):
+        """One transport event: owners send the outputs they just stored to
+        the ranks that read them at the next (sync) call, and the result rank
+        sends the denoiser output to everyone."""
         self._seq += 1
-        seq = self._seq
-        items = []
+        owner, slots, rank = self.split.owner, self._slots, self.rank
+        sends, recvs, fresh = [], [], {}
         if plan.publish:
-            for unit in sorted(self.split.components[self.rank]):
-                items.extend(zip(self._slots[unit], self._cache[unit][1]))
+            for unit in sorted(self._units_of[rank]):
+                if self._readers[unit]:
+                    sends.extend((self._readers[unit], off, t) for off, t in zip(slots[unit], self._cache[unit][1]))
         spec, tensors = flatten(out)
-        if plan.result_rank == self.rank:
-            items.append((self._slots["<result>"][0], tensors[0].contiguous()))
-        self._transport.publish(seq, items)
-        if plan.result_rank >= 0 and plan.result_rank != self.rank:
+        everyone_else = frozenset(r for r in range(self.world_size) if r != rank)
+        if plan.result_rank == rank:
+            sends.append((everyone_else, slots["<result>"][0], tensors[0].contiguous()))
+        if call.schedule.plan(0, k).publish:  # the owners publish at this event
+            self._synced_seq = self._seq
+            for unit in self._needs[rank]:
+                cached_spec, old = self._cache[unit]
+                new = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in old]
+                recvs.extend((owner[unit], off, t) for off, t in zip(slots[unit], new))
+                fresh[unit] = (cached_spec, new)
+        if plan.result_rank >= 0 and plan.result_rank != rank:
             result = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
-            self._transport.fetch(seq, plan.result_rank, [(self._slots["<result>"][0], result)])
-            tensors = [result, *tensors[1:]]
-            out = unflatten(spec, tensors)
-        if call.schedule.plan(0, k).publish:
-            self._pending = seq  # read at the next call's sync, acknowledged then
-        else:
-            self._transport.ack(seq)
+            recvs.append((plan.result_rank, slots["<result>"][0], result))
+            out = unflatten(spec, [result, *tensors[1:]])
+        self._transport.exchange(self._seq, sends, recvs)
+        self._cache.update(fresh)
         return out
-
-    def _needed(self):
-        """Units whose owners' outputs this rank reads at a sync."""
-        return [u for u, o in self.split.owner.items() if o != self.rank]
-
-    def _sync(self):
-        seq = self._pending
-        if seq is None:
-            raise RuntimeError("AsyncDiff: a sync with nothing published before it (schedule out of step)")
-        by_src: dict[int, list] = {}
-        owner = self.split.owner
-        for unit in sorted(self._needed()):
-            by_src.setdefault(owner[unit], []).append(unit)
-        for src, units in sorted(by_src.items()):
-            items = []
-            for unit in units:
-                spec, old = self._cache[unit]
-                fresh = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in old]
-                items.extend(zip(self._slots[unit], fresh))
-                self._cache[unit] = (spec, fresh)
-            self._transport.fetch(seq, src, items)
-        self._transport.ack(seq)
-        self._pending = None

@@ -52,15 +52,19 @@ class ShmTransport:
         self._finalizer = weakref.finalize(self, _core.ShmTransport.detach, self._handle, False)
 
     def reserve(self, nbytes: int):
+        """Collective: room for ``nbytes`` of slots (all ranks pass the same)."""
         self._handle.reserve(nbytes, self.timeout)
 
-    def publish(self, seq: int, items):
-        self._handle.publish(seq, [(off, _bytes(t)) for off, t in items], self.timeout)
-
-    def fetch(self, seq: int, src: int, items):
-        self._handle.fetch(seq, src, [(off, _bytes(t)) for off, t in items], self.timeout)
-
-    def ack(self, seq: int):
+    def exchange(self, seq: int, sends, recvs):
+        """One event.  ``sends``: (destination ranks, offset, tensor);
+        ``recvs``: (source rank, offset, tensor to fill).  Each sent slot is
+        written once into shared memory, whatever the number of readers."""
+        self._handle.publish(seq, [(off, _bytes(t)) for _dsts, off, t in sends], self.timeout)
+        by_src: dict[int, list] = {}
+        for src, off, t in recvs:
+            by_src.setdefault(src, []).append((off, _bytes(t)))
+        for src in sorted(by_src):
+            self._handle.fetch(seq, src, by_src[src], self.timeout)
         self._handle.ack(seq)
 
     def barrier(self):
