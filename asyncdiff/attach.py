@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _core, arch, splits
+from . import _core, arch, splits, traffic
 from .outputs import flatten, unflatten
 
 _ALIGN = 64
@@ -145,6 +145,7 @@ class AsyncDiff:
         self._seq = 0  # transport events so far (alike on every rank)
         self._synced_seq = -1  # the event that last delivered the owners' outputs
         self._block_forwards: dict = {}
+        self._needs: dict | None = None  # rank -> units it receives (multi-process)
         if self.mode == "shm":
             from .transport import open_transport
 
@@ -176,7 +177,7 @@ class AsyncDiff:
         return "shm", rank
 
     def _hook_blocks(self):
-        self._plan_traffic()
+        self._units_of = {c: frozenset(comp) for c, comp in enumerate(self.split.components)}
         for unit in self.split.owner:
             mod = self.layout.module(unit, self.denoiser)
             self._block_forwards[unit] = (mod, mod.__dict__.get("forward"))
@@ -281,6 +282,8 @@ class AsyncDiff:
             )
             self.split = splits.auto(self.layout, self.model_n, order, costs)
             self._hook_blocks()
+        if self.mode != "emulate" and self._needs is None:
+            self._plan_traffic(bound)
         if self.mode == "emulate":
             out = self._emulated(bound, call, k)
         else:
@@ -358,13 +361,12 @@ class AsyncDiff:
             out = self._exchange(plan, call, k, out)
         return out
 
-    def _plan_traffic(self):
-        """Who reads which unit: every rank reads the units it does not own
-        (the extra rank of stride 2 reads them all)."""
-        owner = self.split.owner
-        self._units_of = {c: frozenset(comp) for c, comp in enumerate(self.split.components)}
-        self._needs = {r: sorted(u for u in owner if owner[u] != r) for r in range(self.world_size)}
-        self._readers = {u: frozenset(r for r, units in self._needs.items() if u in units) for u in owner}
+    def _plan_traffic(self, bound):
+        """Who reads which unit: each rank receives only the outputs that reach
+        the blocks it computes (traced once on a meta copy, see traffic.py)."""
+        self._needs = traffic.needs(self.layout, self.denoiser, bound.args, bound.kwargs, self.split,
+                                    self.model_n, self.stride)
+        self._readers = {u: frozenset(r for r, units in self._needs.items() if u in units) for u in self.split.owner}
 
     def _plan_slots(self, out):
         """Byte offsets of every unit's tensors and of the result, alike on all ranks."""
