@@ -42,6 +42,11 @@ PRESETS: dict[tuple[str, int], str] = {
     ("x4", 4): "conv_in d0 d1 d2 | d3 mid u0 u1 | u2 | u3 conv_norm_out conv_out",
 }
 
+# SD3: the 24 joint blocks in N equal runs, the output layers with the last.
+for _n in (2, 3, 4):
+    _runs = [" ".join(f"b{j}" for j in range(i * 24 // _n, (i + 1) * 24 // _n)) for i in range(_n)]
+    PRESETS[("sd3", _n)] = " | ".join(_runs) + " norm_out proj_out"
+
 _RANGE = re.compile(r"^([a-z]+)(\d+)-(\d+)$")
 
 
