@@ -248,14 +248,19 @@ class AsyncDiff:
         full = source
         begin = getattr(sched, "begin_index", None)
         t0 = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        if not isinstance(begin, int) or not (0 <= begin < len(full)) or float(full[begin]) != t0:
-            matches = (full.float().cpu() == t0).nonzero()
-            if len(matches) == 0:
-                raise RuntimeError(
-                    f"AsyncDiff: the denoiser's first timestep {t0} is not in the scheduler's timesteps"
-                )
-            begin = int(matches[0])
-        timesteps = full[begin:]
+        # Most pipelines pass the scheduler's timesteps as they are; flow-matching
+        # transformers such as Flux pass them divided by 1000.
+        for scale in (1.0, 1e-3):
+            scaled = full * scale if scale != 1.0 else full
+            if isinstance(begin, int) and 0 <= begin < len(full) and float(scaled[begin]) == t0:
+                break
+            matches = (scaled.float().cpu() == t0).nonzero()
+            if len(matches):
+                begin = int(matches[0])
+                break
+        else:
+            raise RuntimeError(f"AsyncDiff: the denoiser's first timestep {t0} is not in the scheduler's timesteps")
+        timesteps = scaled[begin:]
         schedule = _core.Schedule(self.model_n, self.stride, self.warm_up, int(self.time_shift), len(timesteps))
         self._call = _Call(source, timesteps, schedule)
 

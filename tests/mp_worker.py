@@ -43,6 +43,11 @@ def main():
     configs = json.load(open(sys.argv[1]))
     outdir = sys.argv[2]
     rank = int(os.environ["RANK"])
+    if any(cfg.get("init_process_group") for cfg in configs):
+        # the user's own process group must not get in the way
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     pipes = {}
     for cfg in configs:
         arch = cfg["arch"]

@@ -123,3 +123,15 @@ def test_a_rank_that_dies_makes_the_others_fail_fast(tmp_path):
     assert re.search(r"rank 1", log) and "AsyncDiffError" in log, log[-2000:]
     assert "Timeout" not in log  # noticed as gone, not waited out
     assert shm_entries() <= before
+
+
+def test_an_existing_process_group_is_reused(pipes, tmp_path):
+    cfg = dict(id="pg", arch="sd15", model_n=2, stride=1, warm_up=1, steps=4, split="paper",
+               time_shift=False, init_process_group=True)
+    results = mp.launch(2, [cfg], tmp_path, timeout=200)
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{log[-3000:]}"
+    expected, _ = emulate(pipes("sd15"), cfg)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"pg.rank{rank}.pt", weights_only=False)
+        assert torch.equal(got["latents"][0], expected)
