@@ -146,10 +146,13 @@ class AsyncDiff:
         self._synced_seq = -1  # the event that last delivered the owners' outputs
         self._block_forwards: dict = {}
         self._needs: dict | None = None  # rank -> units it receives (multi-process)
-        if self.mode == "shm":
+        if self.mode != "emulate":
             from .transport import open_transport
 
-            self._transport = open_transport("shm", self.rank, self.world_size, self._instance, self.timeout)
+            device = next(itertools.chain(denoiser.parameters(), denoiser.buffers()), torch.empty(0)).device
+            self._transport = open_transport(self.mode, self.rank, self.world_size, self._instance, self.timeout,
+                                             device=device)
+            self.mode = self._transport.kind  # "auto" resolved to "nccl" or "shm", alike on every rank
         self._orig_forward = denoiser.__dict__.get("forward")
         self._sig = inspect.signature(denoiser.forward)
         params = list(self._sig.parameters)
@@ -160,13 +163,18 @@ class AsyncDiff:
 
     # ------------------------------------------------------------------ setup
     def _choose_mode(self, transport):
-        if transport not in ("auto", "emulate", "shm"):
-            raise ValueError(f"transport: expected 'auto', 'emulate' or 'shm', got {transport!r}")
+        if transport not in ("auto", "emulate", "shm", "nccl"):
+            raise ValueError(f"transport: expected 'auto', 'emulate', 'shm' or 'nccl', got {transport!r}")
+        if transport == "nccl":  # say at once when NCCL cannot serve this denoiser here
+            from .transport import check_transport
+
+            check_transport("nccl", next(itertools.chain(self.denoiser.parameters(), self.denoiser.buffers()),
+                                         torch.empty(0)).device)
         env_world = os.environ.get("WORLD_SIZE")
         if transport == "emulate" or (transport == "auto" and env_world is None):
             return "emulate", 0
         if env_world is None:
-            raise ValueError("transport: 'shm' needs a torchrun launch (WORLD_SIZE, RANK are not set)")
+            raise ValueError(f"transport: {transport!r} needs a torchrun launch (WORLD_SIZE, RANK are not set)")
         world, rank = int(env_world), int(os.environ.get("RANK", "0"))
         if world != self.world_size:
             raise ValueError(
@@ -174,7 +182,7 @@ class AsyncDiff:
                 f"{self.model_n} + {self.stride} - 1 = {self.world_size}; launch with "
                 f"--nproc_per_node={self.world_size}"
             )
-        return "shm", rank
+        return transport, rank  # "auto" is settled by open_transport, collectively
 
     def _hook_blocks(self):
         self._units_of = {c: frozenset(comp) for c, comp in enumerate(self.split.components)}
@@ -250,8 +258,8 @@ class AsyncDiff:
         t0 = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
         # Most pipelines pass the scheduler's timesteps as they are; flow-matching
         # transformers such as Flux pass them divided by 1000.
-        for scale in (1.0, 1e-3):
-            scaled = full * scale if scale != 1.0 else full
+        for divisor in (1, 1000):
+            scaled = full / divisor if divisor != 1 else full  # the same float division the pipeline does
             if isinstance(begin, int) and 0 <= begin < len(full) and float(scaled[begin]) == t0:
                 break
             matches = (scaled.float().cpu() == t0).nonzero()

@@ -21,7 +21,17 @@ Sizes used by the tiny pipelines (see :func:`default_call_kwargs`):
 * the tiny denoisers work on 16x16 latents, i.e. 128x128 images (the upscaler
   takes a 16x16 low-resolution image and latent);
 * text encoders are 2-layer CLIP models with hidden size 32 and 77 positions;
-  SD3's T5 encoder has d_model 128.
+  SD3's, PixArt's and Flux's T5 encoder has d_model 128.
+
+Three archs stand for denoisers without a paper preset (AsyncDiff splits them
+automatically): ``"ddim"`` (an unconditional pixel-space ``UNet2DModel`` in a
+``DDIMPipeline``, 16x16 RGB images), ``"pixart"`` (``PixArtTransformer2DModel``
+in a ``PixArtAlphaPipeline``) and ``"flux"`` (``FluxTransformer2DModel`` in a
+``FluxPipeline``, guidance-distilled: one transformer call per step).  No real
+config ships for them: their tiny configs are written out in this module with
+the published models' block types and depths, and :func:`real_config` /
+:func:`build_real_unet` raise ``NotImplementedError`` (see
+:data:`NO_REAL_CONFIG`).
 
 Public API: :data:`ARCHS`, :func:`build_pipeline`, :func:`build_unet`,
 :func:`tiny_config`, :func:`real_config`, :func:`default_call_kwargs`, plus the
@@ -53,6 +63,7 @@ __all__ = [
     "real_config",
     "real_motion_adapter_config",
     "default_call_kwargs",
+    "NO_REAL_CONFIG",
 ]
 
 ARCHS = (
@@ -67,6 +78,9 @@ ARCHS = (
     "animatediff",
     "sd3",
     "sdxl_controlnet",
+    "ddim",
+    "pixart",
+    "flux",
 )
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -85,6 +99,9 @@ _FAMILY = {
     "svd": "svd",
     "animatediff": "animatediff",
     "sd3": "sd3",
+    "ddim": "ddim",
+    "pixart": "pixart",
+    "flux": "flux",
 }
 
 _CONFIG_FILE = {
@@ -160,8 +177,17 @@ def real_config(arch: str) -> dict:
     ``"animatediff"`` is the UNetMotionModel config that diffusers derives from
     the SD 1.5 UNet and the motion-adapter config; ``"sdxl_controlnet"``
     returns the SDXL UNet config (the ControlNet is built from it).
+
+    ``"ddim"``, ``"pixart"`` and ``"flux"`` have no shipped real config: for
+    them this raises ``NotImplementedError`` (their tiny configs are written
+    out directly, see :func:`tiny_config`), and so does :func:`build_real_unet`.
     """
     fam = _check_arch(arch)
+    if fam in NO_REAL_CONFIG:
+        raise NotImplementedError(
+            f"real_config: no real denoiser config is shipped for {arch!r} "
+            f"(only for {', '.join(a for a in ARCHS if _FAMILY[a] not in NO_REAL_CONFIG)})"
+        )
     if fam == "animatediff":
         return _motion_unet_config(_load_json("sd15_unet.json"), _load_json("animatediff_motion_adapter.json"))
     cfg = _load_json(_CONFIG_FILE[fam])
@@ -271,11 +297,101 @@ def _tiny_adapter_config() -> dict:
     return cfg
 
 
+# --- archs without a shipped real config -----------------------------------
+#
+# Their tiny configs are written out here directly.  Block types and depths
+# follow the published models (as recalled, not read from a shipped file):
+#
+# * "ddim":   google/ddpm-cifar10-32 style UNet2DModel (pixel space, 4 levels,
+#             2 resnets per level, self-attention at the second level only);
+# * "pixart": PixArt-alpha XL/2 (28 PixArt transformer blocks, patch 2,
+#             adaLN-single, learned sigma: 8 output channels);
+# * "flux":   FLUX.1-dev (19 double-stream + 38 single-stream blocks, guidance
+#             embedding, 3-axis RoPE; latents packed 2x2: 64 input channels).
+
+# Archs for which real_config / build_real_unet raise NotImplementedError.
+NO_REAL_CONFIG = ("ddim", "pixart", "flux")
+_PIXEL = 16  # image side of the tiny pixel-space UNet2DModel ("ddim")
+
+
+def _tiny_ddim_config() -> dict:
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": _PIXEL,
+        "in_channels": 3,
+        "out_channels": 3,
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "freq_shift": 1,
+        "flip_sin_to_cos": False,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [_BASE_WIDTH, 2 * _BASE_WIDTH, 2 * _BASE_WIDTH, 2 * _BASE_WIDTH],  # real 128/256
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "downsample_padding": 0,
+        "act_fn": "silu",
+        "attention_head_dim": None,  # one head per attention, as in the real model
+        "norm_num_groups": _GROUPS,
+        "norm_eps": 1e-6,
+    }
+
+
+def _tiny_pixart_config() -> dict:
+    heads, head_dim = 2, 16  # real: 16 x 72 = 1152
+    return {
+        "_class_name": "PixArtTransformer2DModel",
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 28,
+        "dropout": 0.0,
+        "norm_num_groups": 32,
+        "cross_attention_dim": heads * head_dim,
+        "attention_bias": True,
+        "sample_size": _LATENT,  # not 32/64/128: call with use_resolution_binning=False
+        "patch_size": 2,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "upcast_attention": False,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "caption_channels": _T5_HIDDEN,  # real: T5-XXL width 4096
+    }
+
+
+def _tiny_flux_config() -> dict:
+    heads, axes = 2, [4, 6, 6]  # head dim 16 = sum of the RoPE axes (real: 24 heads, 16+56+56)
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": 64,  # 16 latent channels packed 2x2
+        "out_channels": None,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": sum(axes),
+        "num_attention_heads": heads,
+        "joint_attention_dim": _T5_HIDDEN,  # real: T5-XXL width 4096
+        "pooled_projection_dim": _TEXT_HIDDEN,  # real: CLIP-L width 768
+        "guidance_embeds": True,  # FLUX.1-dev: guidance-distilled, one call per step
+        "axes_dims_rope": axes,
+    }
+
+
+_TINY_WRITTEN = {"ddim": _tiny_ddim_config, "pixart": _tiny_pixart_config, "flux": _tiny_flux_config}
+
+
 def tiny_config(arch: str) -> dict:
     """The tiny denoiser config for ``arch`` (a fresh dict), derived from
     :func:`real_config` by shrinking widths, heads, embedding sizes and the
-    sample size; block types and depths are untouched."""
+    sample size; block types and depths are untouched.  For ``"ddim"``,
+    ``"pixart"`` and ``"flux"`` (no real config shipped) it is written out
+    directly, with the published model's block types and depths."""
     fam = _check_arch(arch)
+    if fam in _TINY_WRITTEN:
+        return _TINY_WRITTEN[fam]()
     if fam == "sd3":
         return _tiny_sd3_config(real_config(arch))
     if fam == "animatediff":
@@ -292,8 +408,9 @@ def denoiser_class(arch: str):
     """The diffusers class of the denoiser of ``arch``."""
     import diffusers
 
-    name = real_config(arch)["_class_name"]
-    return getattr(diffusers, name)
+    fam = _check_arch(arch)
+    cfg = tiny_config(arch) if fam in NO_REAL_CONFIG else real_config(arch)
+    return getattr(diffusers, cfg["_class_name"])
 
 
 # --------------------------------------------------------------------------
@@ -330,7 +447,8 @@ def build_unet(arch: str, seed: int = 0):
 
     For ``"animatediff"`` this is the UNetMotionModel made from the tiny SD 1.5
     UNet and the tiny motion adapter (both seeded); for ``"sd3"`` the
-    SD3Transformer2DModel."""
+    SD3Transformer2DModel; for ``"ddim"`` a UNet2DModel, for ``"pixart"`` a
+    PixArtTransformer2DModel and for ``"flux"`` a FluxTransformer2DModel."""
     fam = _check_arch(arch)
     if fam == "animatediff":
         from diffusers import UNet2DConditionModel, UNetMotionModel
@@ -603,6 +721,36 @@ def _scheduler(fam: str):
 
     if fam == "sd3":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    if fam == "flux":
+        # FLUX.1-dev: the shift depends on the image's token count (mu).
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    if fam == "pixart":
+        from diffusers import DPMSolverMultistepScheduler
+
+        # PixArt-alpha's DPM-Solver++ (2nd order) on the linear DDPM betas.
+        return DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="linear",
+            prediction_type="epsilon",
+            solver_order=2,
+            algorithm_type="dpmsolver++",
+            lower_order_final=True,
+        )
+    if fam == "ddim":
+        # The DDPM-CIFAR10 schedule (linear betas, x0 clipped), sampled with DDIM.
+        return DDIMScheduler(
+            num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=True
+        )
     if fam == "svd":
         return EulerDiscreteScheduler(
             **_SD_BETAS,
@@ -738,6 +886,36 @@ def build_pipeline(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32)
             text_encoder_3=_build_t5(tok3, seed),
             tokenizer_3=tok3,
         )
+    elif arch == "ddim":
+        pipe = D.DDIMPipeline(unet=build_unet(arch, seed), scheduler=_scheduler(fam))
+    elif arch == "pixart":
+        tok = _build_t5_tokenizer()
+        pipe = D.PixArtAlphaPipeline(
+            tokenizer=tok,
+            text_encoder=_build_t5(tok, seed),
+            vae=_build_vae(seed, scaling_factor=0.18215),
+            transformer=build_unet(arch, seed),
+            scheduler=_scheduler(fam),
+        )
+    elif arch == "flux":
+        tok = _build_clip_tokenizer()
+        tok2 = _build_t5_tokenizer()
+        pipe = D.FluxPipeline(
+            scheduler=_scheduler(fam),
+            vae=_build_vae(
+                seed,
+                latent_channels=16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+            text_encoder=_build_clip_text(tok, seed, "text_encoder", act="quick_gelu"),
+            tokenizer=tok,
+            text_encoder_2=_build_t5(tok2, seed),
+            tokenizer_2=tok2,
+            transformer=build_unet(arch, seed),
+        )
     else:  # pragma: no cover - guarded by _check_arch
         raise ValueError(arch)
     if dtype != torch.float32:
@@ -785,7 +963,13 @@ def default_call_kwargs(arch: str, seed: int = 0) -> dict:
     denoiser call per step) and ``output_type="latent"``.  Image sizes: the
     VAE scale factor is 8, the latent 16x16, hence 128x128 images; the
     upscaler's low-resolution image and latent are 16x16 (its VAE factor is 4)
-    and SVD/AnimateDiff make 3 frames."""
+    and SVD/AnimateDiff make 3 frames.
+
+    Exceptions: ``"ddim"`` is unconditional (no prompt, no guidance; a batch
+    of 2 images of 16x16 pixels, ``output_type="pt"``); ``"flux"`` is
+    guidance-distilled (``guidance_scale`` feeds the guidance embedding, no
+    batched negative prompt) and returns packed latents; ``"pixart"`` turns
+    resolution binning off (the tiny sample size has no bin)."""
     _check_arch(arch)
     side = _LATENT * 8
     kw: dict = dict(
@@ -814,6 +998,22 @@ def default_call_kwargs(arch: str, seed: int = 0) -> dict:
         kw.update(image=_pattern_image(_LATENT, seed), noise_level=20)
     if arch == "animatediff":
         kw.update(num_frames=_FRAMES)
+    if arch == "pixart":
+        # the tiny sample size has no resolution bin; no caption cleaning (needs bs4/ftfy)
+        kw.update(height=side, width=side, guidance_scale=4.5, use_resolution_binning=False,
+                  clean_caption=False, max_sequence_length=32)
+    if arch == "flux":
+        # guidance-distilled: guidance_scale feeds the guidance embedding, one call per step
+        kw.update(height=side, width=side, guidance_scale=3.5, max_sequence_length=32)
+    if arch == "ddim":
+        # unconditional, pixel space: no prompt, no guidance, 16x16 images as a tensor
+        kw = dict(
+            batch_size=2,
+            num_inference_steps=3,
+            eta=0.0,
+            output_type="pt",
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
     if arch == "svd":
         kw = dict(
             image=_pattern_image(side, seed),
