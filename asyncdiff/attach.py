@@ -257,9 +257,12 @@ class AsyncDiff:
         begin = getattr(sched, "begin_index", None)
         t0 = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
         # Most pipelines pass the scheduler's timesteps as they are; flow-matching
-        # transformers such as Flux pass them divided by 1000.
+        # transformers such as Flux pass them divided by 1000, in the latents' dtype.
+        as_passed = t.dtype if isinstance(t, torch.Tensor) and t.is_floating_point() else None
         for divisor in (1, 1000):
             scaled = full / divisor if divisor != 1 else full  # the same float division the pipeline does
+            if as_passed is not None:
+                scaled = scaled.to(as_passed)
             if isinstance(begin, int) and 0 <= begin < len(full) and float(scaled[begin]) == t0:
                 break
             matches = (scaled.float().cpu() == t0).nonzero()
