@@ -134,9 +134,20 @@ def preset(layout: Layout, n: int) -> str | None:
 
 
 def _meta_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """The denoiser rebuilt from its config on the meta device, every tensor
+    in the dtype it has in the real model (fp16 models keep some fp32 parts)."""
     config = dict(denoiser.config)
     with torch.device("meta"):
-        return type(denoiser).from_config(config)
+        model = type(denoiser).from_config(config)
+    real = dict(denoiser.named_parameters())
+    real.update(denoiser.named_buffers())
+    # a few modules build tensors outside the device context (e.g. SVD's mix factors)
+    model = model.to("meta")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        src = real.get(name)
+        if src is not None and src.dtype != tensor.dtype:
+            tensor.data = torch.empty_like(tensor, dtype=src.dtype)
+    return model
 
 
 def _to_meta(obj):

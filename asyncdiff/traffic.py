@@ -14,6 +14,8 @@ each computed unit collects the tags that reach it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -71,7 +73,9 @@ def needs(layout: Layout, denoiser, args, kwargs, split, model_n: int, stride: i
     world = model_n + stride - 1
     try:
         return _trace(layout, denoiser, args, kwargs, split, model_n, stride)
-    except Exception:  # noqa: BLE001 - a model the trace cannot run: send everything
+    except Exception as exc:  # noqa: BLE001 - a model the trace cannot run: send everything
+        warnings.warn(f"AsyncDiff: could not trace {type(denoiser).__name__} on the meta device ({exc!r}); "
+                      "every rank receives every output it does not own", RuntimeWarning, stacklevel=2)
         return everything_else(split, world, model_n)
 
 
