@@ -15,6 +15,8 @@ CORE_SOURCES = [
     "csrc/partition.c",
     "csrc/schedule.c",
     "csrc/shm.c",
+    "csrc/gpu.c",
+    "csrc/nccl.c",
 ]
 
 extra_compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra"]

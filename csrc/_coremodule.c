@@ -27,7 +27,10 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h> /* NCCL section: access() */
 
+#include "gpu.h"  /* NCCL section */
+#include "nccl.h" /* NCCL section */
 #include "partition.h"
 #include "schedule.h"
 #include "shm.h"
@@ -42,6 +45,7 @@ typedef struct {
     PyTypeObject *schedule_type; /* Schedule */
     PyTypeObject *plan_type;     /* Plan (struct sequence) */
     PyTypeObject *shm_type;      /* ShmTransport */
+    PyTypeObject *nccl_type;     /* NcclTransport (NCCL section) */
     /* MORE BINDINGS: transport types and objects go here; add them to
      * core_traverse and core_clear as well. */
 } core_state;
@@ -1185,6 +1189,561 @@ static PyType_Spec shm_spec = {
     .slots = shm_slots,
 };
 
+/* ======================================================================== */
+/* NCCL section: csrc/gpu.c + csrc/nccl.c for Python                        */
+/*                                                                          */
+/* _core.transports(), _core.gpu_status(), _core.nccl_unique_id() and the   */
+/* NcclTransport type.  This is an INTERNAL API: asyncdiff/transport.py     */
+/* passes device pointers and sizes as ints (tensor.data_ptr(), nbytes of   */
+/* CUDA tensors) and the compute stream as an int                           */
+/* (torch.cuda.current_stream().cuda_stream).  What can be checked here is  */
+/* checked (types, non-negative ints, ranks in range, sizes > 0, the handle */
+/* still open); whether a pointer really is device memory of that size     */
+/* cannot be, so other callers must not pass arbitrary numbers.            */
+/* ======================================================================== */
+
+/* Load the GPU libraries (at most once per process) without the GIL: the
+ * first time this opens libraries and initialises the CUDA runtime. */
+static ad_status gpu_load_nogil(ad_err *err)
+{
+    ad_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = ad_gpu_load(err);
+    Py_END_ALLOW_THREADS
+    return s;
+}
+
+/* Shared memory needs a writable /dev/shm on Linux (POSIX shm lives there). */
+static int shm_usable_here(void)
+{
+#ifdef __linux__
+    return access("/dev/shm", R_OK | W_OK | X_OK) == 0;
+#else
+    return 1;
+#endif
+}
+
+PyDoc_STRVAR(transports_doc,
+"transports() -> dict[str, bool]\n--\n\n"
+"Which transports can be used in this process: 'emulate' (always), 'shm'\n"
+"(POSIX shared memory) and 'nccl' (the CUDA runtime and NCCL load and a CUDA\n"
+"device is visible).  gpu_status() says why NCCL is or is not usable.");
+
+static PyObject *core_transports(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = NULL;
+    int nccl;
+    (void)module;
+
+    nccl = gpu_load_nogil(NULL) == AD_OK;
+    out = Py_BuildValue("{sOsOsO}", "emulate", Py_True, "shm",
+                        shm_usable_here() ? Py_True : Py_False, "nccl",
+                        nccl ? Py_True : Py_False);
+    return out;
+}
+
+PyDoc_STRVAR(gpu_status_doc,
+"gpu_status() -> str\n--\n\n"
+"Why the NCCL transport is or is not usable here: which NCCL and CUDA\n"
+"runtime were found (file, version, how) and how many devices, or what is\n"
+"missing (library not found, symbol missing, no CUDA device).");
+
+static PyObject *core_gpu_status(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    char text[1536];
+    (void)module;
+    (void)gpu_load_nogil(NULL);
+    ad_gpu_describe(text, sizeof text);
+    return PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
+}
+
+PyDoc_STRVAR(nccl_unique_id_doc,
+"nccl_unique_id() -> bytes\n--\n\n"
+"A fresh 128-byte NCCL unique id (ncclGetUniqueId).  Rank 0 makes it and\n"
+"hands the same bytes to every rank's NcclTransport.");
+
+static PyObject *core_nccl_unique_id(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    unsigned char id[AD_NCCL_UNIQUE_ID_BYTES];
+    ad_err err = {0};
+    ad_status s;
+
+    Py_BEGIN_ALLOW_THREADS
+    s = ad_nccl_unique_id(id, &err);
+    Py_END_ALLOW_THREADS
+    if (s != AD_OK) {
+        raise_status(get_state(module), s, &err);
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)id, AD_NCCL_UNIQUE_ID_BYTES);
+}
+
+/*
+ * Parse `seq_obj`, a sequence of (peer, pointer, nbytes) tuples of ints,
+ * for argument `name` ("sends" or "recvs").  Ranges here are the C types'
+ * (pointer and nbytes >= 0); ad_nccl_check_items checks the values.  On
+ * success *out is a PyMem array (possibly of length 0) to PyMem_Free.
+ */
+static int nccl_items_arg(PyObject *seq_obj, const char *name, ad_nccl_recv **out,
+                          Py_ssize_t *n_out)
+{
+    PyObject *seq = NULL;
+    ad_nccl_recv *items = NULL;
+    Py_ssize_t n;
+    char what[64];
+
+    *out = NULL;
+    *n_out = 0;
+    if (PyUnicode_Check(seq_obj) || PyBytes_Check(seq_obj) || PyByteArray_Check(seq_obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a sequence of (peer, pointer, nbytes) tuples, "
+                     "not %.200s", name, Py_TYPE(seq_obj)->tp_name);
+        goto error;
+    }
+    PyOS_snprintf(what, sizeof what, "%s must be a sequence of (peer, pointer, nbytes) tuples",
+                  name);
+    seq = PySequence_Fast(seq_obj, what);
+    if (seq == NULL)
+        goto error;
+    n = PySequence_Fast_GET_SIZE(seq);
+    items = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *items);
+    if (items == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        long long peer, ptr, nbytes;
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3) {
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be a (peer, pointer, nbytes) tuple, "
+                         "not %.200s", name, i, Py_TYPE(t)->tp_name);
+            goto error;
+        }
+        PyOS_snprintf(what, sizeof what, "%s[%zd] peer", name, i);
+        if (int_arg(PyTuple_GET_ITEM(t, 0), what, INT_MIN, INT_MAX, &peer) < 0)
+            goto error;
+        PyOS_snprintf(what, sizeof what, "%s[%zd] pointer", name, i);
+        if (int_arg(PyTuple_GET_ITEM(t, 1), what, 0, (long long)(INTPTR_MAX < LLONG_MAX ? INTPTR_MAX : LLONG_MAX), &ptr) < 0)
+            goto error;
+        PyOS_snprintf(what, sizeof what, "%s[%zd] nbytes", name, i);
+        if (int_arg(PyTuple_GET_ITEM(t, 2), what, 0, LLONG_MAX, &nbytes) < 0)
+            goto error;
+        items[i].peer = (int)peer;
+        items[i].ptr = (void *)(intptr_t)ptr;
+        items[i].nbytes = (size_t)nbytes;
+    }
+    Py_DECREF(seq);
+    *out = items;
+    *n_out = n;
+    return 0;
+error:
+    PyMem_Free(items);
+    Py_XDECREF(seq);
+    return -1;
+}
+
+/* The send items as the core's const type (same fields). */
+static ad_nccl_send *nccl_as_sends(const ad_nccl_recv *items, Py_ssize_t n)
+{
+    ad_nccl_send *sends = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *sends);
+    if (sends == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        sends[i].peer = items[i].peer;
+        sends[i].ptr = items[i].ptr;
+        sends[i].nbytes = items[i].nbytes;
+    }
+    return sends;
+}
+
+/* A CUDA stream handle as an int >= 0 (0: the legacy default stream). */
+static int stream_arg(PyObject *obj, void **out)
+{
+    long long v;
+    if (int_arg(obj, "stream", 0, (long long)(INTPTR_MAX < LLONG_MAX ? INTPTR_MAX : LLONG_MAX), &v) < 0)
+        return -1;
+    *out = (void *)(intptr_t)v;
+    return 0;
+}
+
+/*
+ * Everything exchange() checks before it touches the GPU: parse sends and
+ * recvs, the stream and the timeout, then ad_nccl_check_items.  On success
+ * the caller owns *sends and *recvs (PyMem_Free).
+ */
+static int nccl_exchange_args(core_state *st, int world, PyObject *sends_obj, PyObject *recvs_obj,
+                              PyObject *stream_obj, PyObject *timeout_obj, ad_nccl_send **sends,
+                              Py_ssize_t *ns, ad_nccl_recv **recvs, Py_ssize_t *nr,
+                              void **stream, double *timeout)
+{
+    ad_nccl_recv *send_items = NULL;
+    ad_err err = {0};
+    ad_status s;
+
+    *sends = NULL;
+    *recvs = NULL;
+    if (nccl_items_arg(sends_obj, "sends", &send_items, ns) < 0 ||
+        nccl_items_arg(recvs_obj, "recvs", recvs, nr) < 0 || stream_arg(stream_obj, stream) < 0 ||
+        timeout_arg(timeout_obj, timeout) < 0)
+        goto error;
+    *sends = nccl_as_sends(send_items, *ns);
+    if (*sends == NULL)
+        goto error;
+    PyMem_Free(send_items);
+    send_items = NULL;
+    s = ad_nccl_check_items(world, *sends, (size_t)*ns, *recvs, (size_t)*nr, &err);
+    if (s != AD_OK) {
+        raise_status(st, s, &err);
+        goto error;
+    }
+    return 0;
+error:
+    PyMem_Free(send_items);
+    PyMem_Free(*sends);
+    PyMem_Free(*recvs);
+    *sends = NULL;
+    *recvs = NULL;
+    return -1;
+}
+
+PyDoc_STRVAR(nccl_check_exchange_doc,
+"_nccl_check_exchange(world_size, sends, recvs, stream, timeout)\n--\n\n"
+"Internal, for tests: run the argument checks NcclTransport.exchange runs\n"
+"before any GPU call, for a transport of world_size ranks.  Raises what\n"
+"exchange would raise; returns None when the arguments are acceptable.");
+
+static PyObject *core_nccl_check_exchange(PyObject *module, PyObject *const *args,
+                                          Py_ssize_t nargs)
+{
+    ad_nccl_send *sends = NULL;
+    ad_nccl_recv *recvs = NULL;
+    Py_ssize_t ns = 0, nr = 0;
+    long long world;
+    void *stream;
+    double timeout;
+    ad_err err = {0};
+    ad_status s;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_nccl_check_exchange(world_size, sends, recvs, stream, timeout) "
+                        "takes 5 positional arguments");
+        return NULL;
+    }
+    if (int_arg(args[0], "world_size", INT_MIN, INT_MAX, &world) < 0)
+        return NULL;
+    s = ad_nccl_check_init((int)world, 0, 0, 0.0, &err);
+    if (s != AD_OK) {
+        raise_status(get_state(module), s, &err);
+        return NULL;
+    }
+    if (nccl_exchange_args(get_state(module), (int)world, args[1], args[2], args[3], args[4],
+                           &sends, &ns, &recvs, &nr, &stream, &timeout) < 0)
+        return NULL;
+    PyMem_Free(sends);
+    PyMem_Free(recvs);
+    Py_RETURN_NONE;
+}
+
+/*
+ * NcclTransport: one rank's communicator.  Like ShmTransport, every wait
+ * runs with the GIL released and `busy` keeps a second thread from closing
+ * the handle while the first is inside the C transport without the GIL.
+ */
+typedef struct {
+    PyObject_HEAD
+    ad_nccl *handle; /* NULL once closed */
+    int busy;
+} NcclObject;
+
+static int nccl_usable(NcclObject *self)
+{
+    if (self->handle == NULL) {
+        PyErr_SetString(PyExc_ValueError, "transport is closed");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *nccl_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"unique_id", "world_size", "rank", "device", "timeout", NULL};
+    core_state *st = (core_state *)PyType_GetModuleState(type);
+    PyObject *id_obj, *world_obj, *rank_obj, *device_obj, *timeout_obj;
+    Py_buffer id = {0};
+    int have_id = 0;
+    long long world, rank, device;
+    double timeout;
+    unsigned char id_bytes[AD_NCCL_UNIQUE_ID_BYTES];
+    ad_nccl *handle = NULL;
+    NcclObject *self = NULL;
+    ad_err err = {0};
+    ad_status s;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO:NcclTransport", kwlist, &id_obj,
+                                     &world_obj, &rank_obj, &device_obj, &timeout_obj))
+        goto error;
+    if (PyUnicode_Check(id_obj) || PyObject_GetBuffer(id_obj, &id, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "unique_id must be bytes (%d of them), not %.200s",
+                     AD_NCCL_UNIQUE_ID_BYTES, Py_TYPE(id_obj)->tp_name);
+        goto error;
+    }
+    have_id = 1;
+    if (id.len != AD_NCCL_UNIQUE_ID_BYTES) {
+        PyErr_Format(PyExc_ValueError, "unique_id must be exactly %d bytes, got %zd",
+                     AD_NCCL_UNIQUE_ID_BYTES, id.len);
+        goto error;
+    }
+    memcpy(id_bytes, id.buf, AD_NCCL_UNIQUE_ID_BYTES);
+    PyBuffer_Release(&id);
+    have_id = 0;
+    if (int_arg(world_obj, "world_size", INT_MIN, INT_MAX, &world) < 0 ||
+        int_arg(rank_obj, "rank", INT_MIN, INT_MAX, &rank) < 0 ||
+        int_arg(device_obj, "device", INT_MIN, INT_MAX, &device) < 0 ||
+        timeout_arg(timeout_obj, &timeout) < 0)
+        goto error;
+    /* Values first (no library needed), then the libraries. */
+    s = ad_nccl_check_init((int)world, (int)rank, (int)device, timeout, &err);
+    if (s == AD_OK)
+        s = gpu_load_nogil(&err);
+    if (s == AD_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        s = ad_nccl_init(id_bytes, (int)world, (int)rank, (int)device, timeout, &handle, &err);
+        Py_END_ALLOW_THREADS
+    }
+    if (s != AD_OK) {
+        raise_status(st, s, &err);
+        goto error;
+    }
+    self = (NcclObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        goto error;
+    self->handle = handle;
+    handle = NULL;
+    return (PyObject *)self;
+error:
+    if (have_id)
+        PyBuffer_Release(&id);
+    if (handle != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        ad_nccl_destroy(handle, 1);
+        Py_END_ALLOW_THREADS
+    }
+    Py_CLEAR(self);
+    return NULL;
+}
+
+static void nccl_dealloc(PyObject *op)
+{
+    NcclObject *self = (NcclObject *)op;
+    PyTypeObject *tp = Py_TYPE(op);
+    /* Never closed: leave as failed (abort), so that peers do not wait. */
+    if (self->handle != NULL) {
+        ad_nccl *handle = self->handle;
+        self->handle = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        ad_nccl_destroy(handle, 1);
+        Py_END_ALLOW_THREADS
+    }
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+PyDoc_STRVAR(nccl_exchange_doc,
+"exchange(sends, recvs, stream, timeout)\n--\n\n"
+"One event.  sends: (peer, device pointer, nbytes) of bytes to send;\n"
+"recvs: (peer, device pointer, nbytes) of buffers to fill.  Items to one\n"
+"peer pair with that peer's items in list order.  stream: the compute\n"
+"stream handle (int): the transfers start after the work queued on it and\n"
+"work queued on it afterwards sees the received bytes (no host sync).\n"
+"Waits (bounded by timeout) for the previous exchange to finish first.");
+
+static PyObject *nccl_exchange(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                               Py_ssize_t nargs, PyObject *kwnames)
+{
+    NcclObject *self = (NcclObject *)op;
+    core_state *st = (core_state *)PyType_GetModuleState(cls);
+    ad_nccl_send *sends = NULL;
+    ad_nccl_recv *recvs = NULL;
+    Py_ssize_t ns = 0, nr = 0;
+    void *stream = NULL;
+    double timeout = 0.0;
+    ad_err err = {0};
+    ad_status s;
+
+    if (kwnames != NULL || nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "exchange(sends, recvs, stream, timeout) takes 4 positional arguments");
+        goto error;
+    }
+    if (nccl_usable(self) < 0)
+        goto error;
+    if (nccl_exchange_args(st, ad_nccl_world(self->handle), args[0], args[1], args[2], args[3],
+                           &sends, &ns, &recvs, &nr, &stream, &timeout) < 0)
+        goto error;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    s = ad_nccl_exchange(self->handle, sends, (size_t)ns, recvs, (size_t)nr, stream, timeout,
+                         &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (s != AD_OK) {
+        raise_status(st, s, &err);
+        goto error;
+    }
+    PyMem_Free(sends);
+    PyMem_Free(recvs);
+    Py_RETURN_NONE;
+error:
+    PyMem_Free(sends);
+    PyMem_Free(recvs);
+    return NULL;
+}
+
+static PyObject *nccl_wait(PyObject *op, PyTypeObject *cls, PyObject *const *args,
+                           Py_ssize_t nargs, PyObject *kwnames)
+{
+    NcclObject *self = (NcclObject *)op;
+    core_state *st = (core_state *)PyType_GetModuleState(cls);
+    double timeout;
+    ad_err err = {0};
+    ad_status s;
+
+    if (kwnames != NULL || nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "wait(timeout) takes 1 positional argument");
+        return NULL;
+    }
+    if (nccl_usable(self) < 0 || timeout_arg(args[0], &timeout) < 0)
+        return NULL;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    s = ad_nccl_wait(self->handle, timeout, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (s != AD_OK) {
+        raise_status(st, s, &err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *nccl_close(PyObject *op, PyObject *abort_obj)
+{
+    NcclObject *self = (NcclObject *)op;
+    ad_nccl *handle;
+    int abort_now;
+
+    if (flag_arg(abort_obj, "abort", &abort_now) < 0)
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
+        return NULL;
+    }
+    handle = self->handle;
+    self->handle = NULL;
+    if (handle != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        ad_nccl_destroy(handle, abort_now);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+#define NCCL_INT_GETTER(field, expr, closed_value)                     \
+    static PyObject *nccl_get_##field(PyObject *op, void *closure)     \
+    {                                                                  \
+        ad_nccl *h = ((NcclObject *)op)->handle;                       \
+        (void)closure;                                                 \
+        return PyLong_FromLong(h != NULL ? (long)(expr) : (closed_value)); \
+    }
+NCCL_INT_GETTER(world_size, ad_nccl_world(h), 0)
+NCCL_INT_GETTER(rank, ad_nccl_rank(h), -1)
+NCCL_INT_GETTER(device, ad_nccl_device(h), -1)
+#undef NCCL_INT_GETTER
+
+static PyObject *nccl_get_stream(PyObject *op, void *closure)
+{
+    ad_nccl *h = ((NcclObject *)op)->handle;
+    (void)closure;
+    return PyLong_FromVoidPtr(h != NULL ? ad_nccl_stream(h) : NULL);
+}
+
+static PyObject *nccl_get_blocking(PyObject *op, void *closure)
+{
+    ad_nccl *h = ((NcclObject *)op)->handle;
+    (void)closure;
+    return PyBool_FromLong(h != NULL && ad_nccl_is_blocking(h));
+}
+
+static PyObject *nccl_get_failed(PyObject *op, void *closure)
+{
+    ad_nccl *h = ((NcclObject *)op)->handle;
+    (void)closure;
+    return PyBool_FromLong(h != NULL && ad_nccl_failed(h));
+}
+
+static PyObject *nccl_get_closed(PyObject *op, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(((NcclObject *)op)->handle == NULL);
+}
+
+static PyGetSetDef nccl_getset[] = {
+    {"world_size", nccl_get_world_size, NULL, "ranks in the communicator (0 once closed)", NULL},
+    {"rank", nccl_get_rank, NULL, "this rank (-1 once closed)", NULL},
+    {"device", nccl_get_device, NULL, "CUDA device number (-1 once closed)", NULL},
+    {"stream", nccl_get_stream, NULL, "the comm stream's cudaStream_t as an int", NULL},
+    {"blocking", nccl_get_blocking, NULL, "True when NCCL is too old for a non-blocking communicator", NULL},
+    {"failed", nccl_get_failed, NULL, "True once aborted after an error", NULL},
+    {"closed", nccl_get_closed, NULL, "True once closed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef nccl_methods[] = {
+    {"exchange", (PyCFunction)(void (*)(void))nccl_exchange,
+     METH_METHOD | METH_FASTCALL | METH_KEYWORDS, nccl_exchange_doc},
+    {"wait", (PyCFunction)(void (*)(void))nccl_wait, METH_METHOD | METH_FASTCALL | METH_KEYWORDS,
+     "wait(timeout): until every exchange queued so far has finished on the GPU"},
+    {"close", nccl_close, METH_O,
+     "close(abort): release the communicator; abort=True gives up at once (after an error)"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(nccl_doc,
+"NcclTransport(unique_id, world_size, rank, device, timeout)\n--\n\n"
+"One rank's NCCL communicator on CUDA device `device` (csrc/nccl.c), with\n"
+"its own CUDA stream.  unique_id: the 128 bytes of nccl_unique_id() made by\n"
+"rank 0.  Waits up to `timeout` seconds for the other ranks (non-blocking\n"
+"NCCL, 2.14+).  Raises AsyncDiffError when NCCL cannot be used here (the\n"
+"message says what is missing).  Internal API: see exchange().");
+
+static PyType_Slot nccl_slots[] = {
+    {Py_tp_new, nccl_new},
+    {Py_tp_dealloc, nccl_dealloc},
+    {Py_tp_getset, nccl_getset},
+    {Py_tp_methods, nccl_methods},
+    {Py_tp_doc, (void *)nccl_doc},
+    {0, NULL},
+};
+
+static PyType_Spec nccl_spec = {
+    .name = "asyncdiff._core.NcclTransport",
+    .basicsize = sizeof(NcclObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = nccl_slots,
+};
+
+/* ======================================================================== */
+/* End of the NCCL section                                                  */
+/* ======================================================================== */
+
 /* ------------------------------------------------------------------------ */
 /* Module definition                                                        */
 /* ------------------------------------------------------------------------ */
@@ -1197,6 +1756,12 @@ static PyMethodDef core_methods[] = {
     {"cost_summary", (PyCFunction)(void (*)(void))core_cost_summary,
      METH_VARARGS | METH_KEYWORDS, cost_summary_doc},
     {"shm_unlink", core_shm_unlink, METH_O, shm_unlink_doc},
+    /* NCCL section */
+    {"transports", core_transports, METH_NOARGS, transports_doc},
+    {"gpu_status", core_gpu_status, METH_NOARGS, gpu_status_doc},
+    {"nccl_unique_id", core_nccl_unique_id, METH_NOARGS, nccl_unique_id_doc},
+    {"_nccl_check_exchange", (PyCFunction)(void (*)(void))core_nccl_check_exchange,
+     METH_FASTCALL, nccl_check_exchange_doc},
     /* MORE BINDINGS: module-level functions. */
     {NULL, NULL, 0, NULL},
 };
@@ -1240,6 +1805,13 @@ static int core_exec(PyObject *module)
     if (st->shm_type == NULL || PyModule_AddType(module, st->shm_type) < 0)
         goto error;
 
+    /* NCCL section */
+    st->nccl_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &nccl_spec, NULL);
+    if (st->nccl_type == NULL || PyModule_AddType(module, st->nccl_type) < 0)
+        goto error;
+    if (PyModule_AddIntConstant(module, "NCCL_UNIQUE_ID_BYTES", AD_NCCL_UNIQUE_ID_BYTES) < 0)
+        goto error;
+
     /* MORE BINDINGS: create transport types / constants here. */
     return 0;
 error:
@@ -1255,6 +1827,7 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->schedule_type);
     Py_VISIT(st->plan_type);
     Py_VISIT(st->shm_type);
+    Py_VISIT(st->nccl_type);
     return 0;
 }
 
@@ -1265,6 +1838,7 @@ static int core_clear(PyObject *module)
     Py_CLEAR(st->schedule_type);
     Py_CLEAR(st->plan_type);
     Py_CLEAR(st->shm_type);
+    Py_CLEAR(st->nccl_type);
     return 0;
 }
 

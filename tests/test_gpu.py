@@ -1,0 +1,243 @@
+"""GPU checks of the transports and of device placement.
+
+Every test here is marked ``gpu`` and skipped, with the reason, when
+``torch.cuda.is_available()`` is False; the NCCL tests are also skipped when
+the C core cannot load NCCL (``asyncdiff._core.gpu_status()`` says why).
+
+* NCCL world-size-1 self exchange on one GPU (1 MB, checked byte for byte,
+  fp16/bf16 untouched), through the binding and through
+  ``transport.NcclTransport`` with a real store rendezvous;
+* emulation on CUDA equals emulation on CPU (fp32, TF32 off) within fp
+  tolerance;
+* two processes sharing one GPU over shared memory (CUDA tensors staged
+  through pinned host buffers) equal the emulation on that GPU, and
+  ``transport="auto"`` picks shared memory there (NCCL cannot put two ranks
+  on one GPU);
+* with two GPUs: two processes over NCCL equal the emulation;
+* a benchmark-like test prints the NCCL self-exchange bandwidth at 1/16/64 MB
+  (printed, never asserted: run with -s to see it).
+
+Run as a script (by tests/mp.py's launch) this file is the rank worker of
+the multi-process tests.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncdiff import AsyncDiff, _core, tiny, transport
+
+HERE = Path(__file__).resolve().parent
+CUDA = torch.cuda.is_available()
+NCCL = CUDA and transport.available()["nccl"]
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not CUDA, reason="no CUDA device: torch.cuda.is_available() is False "
+                                        f"(torch {torch.__version__})"),
+]
+needs_nccl = pytest.mark.skipif(
+    not NCCL,
+    reason="NCCL not usable: " + (_core.gpu_status() if CUDA else "no CUDA device (torch.cuda.is_available() is False)"),
+)
+needs_two_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+STEPS = 6
+
+
+def _exact_math():
+    """Full-precision fp32 on the GPU (no TF32), so that devices agree closely."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+
+
+@pytest.fixture
+def exact_math():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    _exact_math()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def _run(pipe, arch: str, steps: int = STEPS, seed: int = 0):
+    kw = tiny.default_call_kwargs(arch)
+    kw["num_inference_steps"] = steps
+    kw.pop("generator")
+    out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed))
+    return out.images if hasattr(out, "images") else out.frames
+
+
+def _emulate(pipe, arch, model_n=2, stride=1, warm_up=1):
+    ad = AsyncDiff(pipe, model_n=model_n, stride=stride, warm_up=warm_up, transport="emulate")
+    try:
+        return _run(pipe, arch).float().cpu()
+    finally:
+        ad.remove()
+
+
+# ------------------------------------------------------------------ NCCL
+
+def _self_exchange(handle, src: torch.Tensor, dst: torch.Tensor, timeout=60.0):
+    nbytes = src.numel() * src.element_size()
+    stream = torch.cuda.current_stream(src.device).cuda_stream
+    handle.exchange([(0, src.data_ptr(), nbytes)], [(0, dst.data_ptr(), nbytes)], stream, timeout)
+
+
+@needs_nccl
+def test_nccl_self_exchange_1mb():
+    dev = torch.device("cuda", 0)
+    h = _core.NcclTransport(_core.nccl_unique_id(), 1, 0, 0, 60.0)
+    try:
+        assert h.stream != 0 and h.device == 0 and not h.failed
+        src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device=dev)
+        dst = torch.zeros_like(src)
+        _self_exchange(h, src, dst)
+        # no host sync in exchange: the compute stream waits for the copy, so
+        # a kernel queued now sees the bytes
+        same = torch.equal(src, dst)
+        assert same
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(4099, device=dev).to(dtype)
+            y = torch.zeros_like(x)
+            _self_exchange(h, x, y)
+            assert torch.equal(x.view(torch.int16), y.view(torch.int16))
+        h.wait(60.0)
+    finally:
+        h.close(False)
+    assert h.closed
+
+
+@needs_nccl
+def test_nccl_transport_class_world_one(monkeypatch):
+    """transport.NcclTransport end to end: store rendezvous, send expansion, pairing by offset."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    t = transport.open_transport("nccl", 0, 1, 10_000, 60.0, device=torch.device("cuda", 0))
+    try:
+        assert t.kind == "nccl"
+        t.reserve(1 << 20)  # no-op
+        dev = torch.device("cuda", 0)
+        a = torch.randn(3, 5, device=dev, dtype=torch.float16)
+        b = torch.arange(77, device=dev, dtype=torch.int64)
+        ga, gb = torch.empty_like(a), torch.empty_like(b)
+        # listed in different orders on the two sides: paired by offset
+        t.exchange(1, [(frozenset({0}), 128, b), (frozenset({0}), 0, a), (frozenset({0}), 4096, torch.empty(0, device=dev))],
+                   [(0, 0, ga), (0, 128, gb)])
+        assert torch.equal(ga, a) and torch.equal(gb, b)
+        with pytest.raises(ValueError, match="transport"):
+            t.exchange(2, [(frozenset({0}), 0, a.cpu())], [])
+    finally:
+        t.close(False)
+
+
+@needs_nccl
+def test_nccl_self_exchange_bandwidth():
+    """Benchmark-like: prints GB/s for 1, 16 and 64 MB; asserts only correctness."""
+    dev = torch.device("cuda", 0)
+    h = _core.NcclTransport(_core.nccl_unique_id(), 1, 0, 0, 60.0)
+    try:
+        for mb in (1, 16, 64):
+            n = mb << 20
+            src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=dev)
+            dst = torch.empty_like(src)
+            _self_exchange(h, src, dst)
+            torch.cuda.synchronize()
+            reps = 20
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                _self_exchange(h, src, dst)
+            h.wait(60.0)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / reps
+            assert torch.equal(src, dst)
+            print(f"NCCL self exchange {mb:3d} MB: {dt * 1e3:8.3f} ms  {n / dt / 1e9:7.2f} GB/s "
+                  f"({torch.cuda.get_device_name(dev)})")
+    finally:
+        h.close(False)
+
+
+# ------------------------------------------------------- device placement
+
+def test_emulation_on_cuda_equals_cpu(exact_math):
+    cpu = tiny.build_pipeline("sd15", seed=0)
+    expected = _emulate(cpu, "sd15")
+    gpu = tiny.build_pipeline("sd15", seed=0).to("cuda")
+    got = _emulate(gpu, "sd15")
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+# -------------------------------------------------- multi-process on GPUs
+
+def _launch(world, configs, outdir):
+    sys.path.insert(0, str(HERE))
+    try:
+        import mp
+    finally:
+        sys.path.remove(str(HERE))
+    results = mp.launch(world, configs, outdir, timeout=600, script=Path(__file__))
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_two_processes_share_one_gpu_over_shm(tmp_path, exact_math):
+    configs = [dict(id="shm", transport="shm", device="cuda:0"),
+               dict(id="auto", transport="auto", device="cuda:0")]
+    got = _launch(2, configs, tmp_path)
+    expected = _emulate(tiny.build_pipeline("sd15", seed=0).to("cuda:0"), "sd15")
+    for cfg in configs:
+        r0, r1 = (got[r][cfg["id"]] for r in range(2))
+        assert r0["mode"] == r1["mode"] == "shm"  # auto: two ranks on one GPU cannot use NCCL
+        assert torch.equal(r0["latents"], r1["latents"]), cfg["id"]  # the result is the same bytes on every rank
+        torch.testing.assert_close(r0["latents"], expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_two_gpus
+@needs_nccl
+def test_two_gpus_over_nccl(tmp_path, exact_math):
+    configs = [dict(id="nccl", transport="nccl", device="local"),
+               dict(id="auto", transport="auto", device="local")]
+    got = _launch(2, configs, tmp_path)
+    expected = _emulate(tiny.build_pipeline("sd15", seed=0).to("cuda:0"), "sd15")
+    for cfg in configs:
+        r0, r1 = (got[r][cfg["id"]] for r in range(2))
+        assert r0["mode"] == r1["mode"] == "nccl"
+        assert torch.equal(r0["latents"], r1["latents"]), cfg["id"]
+        torch.testing.assert_close(r0["latents"], expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------ the rank worker
+
+def _worker(cfg_file: str, outdir: str):
+    torch.set_num_threads(1)
+    _exact_math()
+    rank = int(os.environ["RANK"])
+    results = {}
+    for cfg in json.load(open(cfg_file)):
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if cfg["device"] == "local" else cfg["device"]
+        pipe = tiny.build_pipeline("sd15", seed=0).to(device)
+        ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, transport=cfg["transport"], timeout=120.0)
+        try:
+            latents = _run(pipe, "sd15").float().cpu()
+            results[cfg["id"]] = {"latents": latents, "mode": ad.mode}
+        finally:
+            ad.remove()
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    print(f"rank {rank} done", flush=True)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,555 @@
+"""The NCCL transport where there is no GPU: what can and must work on CPU.
+
+* ``_core.transports()`` / ``gpu_status()`` / ``transport.available()`` say
+  that NCCL is not usable here, and why;
+* asking for NCCL (the ``NcclTransport`` type, ``nccl_unique_id``,
+  ``AsyncDiff(transport="nccl")``, ``open_transport("nccl")``) raises a
+  clear error instead of crashing or hanging;
+* the argument checks that run before any GPU call are fuzzed: wrong types,
+  sizes and values give TypeError / ValueError naming the argument;
+* the extension was built without CUDA or NCCL headers and does not link
+  either library (everything goes through dlopen/dlsym);
+* csrc/gpu.c and csrc/nccl.c run against stand-in CUDA runtime and NCCL
+  libraries built from csrc/tests/test_gpu_loader.c: the C test program
+  (plain and under ASan/UBSan), and the Python binding end to end in
+  subprocesses pointed at the stand-ins with ASYNCDIFF_*_LIBRARY.
+
+What only a GPU can check is in tests/test_gpu.py.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asyncdiff import AsyncDiff, _core, tiny, transport
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADER_TEST = ROOT / "csrc" / "tests" / "test_gpu_loader.c"
+GPU_SOURCES = [ROOT / "csrc" / "gpu.c", ROOT / "csrc" / "nccl.c"]
+C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror"]
+SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer"]
+SANITIZE_ENV = {"ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0",
+                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+ARG_ERRORS = (TypeError, ValueError, OverflowError)
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NCCL_USABLE = _core.transports()["nccl"]
+needs_no_nccl = pytest.mark.skipif(NCCL_USABLE, reason="NCCL is usable here: the CPU-only behaviour does not apply")
+INT64_MAX = 2**63 - 1
+
+
+def raises_naming(exc_types, name, fn, *args, **kwargs):
+    with pytest.raises(exc_types) as info:
+        fn(*args, **kwargs)
+    assert name in str(info.value), f"{info.value!r} does not name {name!r}"
+    return info.value
+
+
+# ------------------------------------------------------------ what is usable
+
+def test_transports_report():
+    got = _core.transports()
+    assert set(got) == {"emulate", "shm", "nccl"}
+    assert all(isinstance(v, bool) for v in got.values())
+    assert got["emulate"] is True
+    assert got["shm"] is Path("/dev/shm").is_dir()
+    assert _core.transports() == got  # loading happens once; same answer
+    avail = transport.available()
+    assert set(avail) == set(got) and avail["shm"] == got["shm"]
+    if not torch.cuda.is_available():
+        assert avail["nccl"] is False
+
+
+@needs_no_nccl
+def test_gpu_status_says_why_not():
+    text = _core.gpu_status()
+    assert text.startswith("NCCL transport unavailable: "), text
+    reasons = ("library not found", "cannot be opened", "lacks required symbol", "no usable CUDA device",
+               "no CUDA device visible")
+    assert any(r in text for r in reasons), text
+    assert transport.gpu_status() == text
+
+
+@needs_no_nccl
+def test_nccl_requests_raise_clear_errors():
+    why = _core.gpu_status()
+    with pytest.raises(_core.AsyncDiffError) as info:
+        _core.NcclTransport(bytes(128), 1, 0, 0, 1.0)
+    assert info.value.status == "unsupported"
+    assert str(info.value) == why
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(_core.AsyncDiffError) as info:
+        _core.nccl_unique_id()
+    assert info.value.status == "unsupported"
+
+
+@needs_no_nccl
+def test_open_transport_nccl_fails_before_any_rendezvous(monkeypatch):
+    # no MASTER_ADDR / MASTER_PORT: reaching the store would fail differently (or hang)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=r"transport: 'nccl' is not usable here"):
+        transport.open_transport("nccl", 0, 2, 0, 5.0, device="cuda:0")
+    with pytest.raises(ValueError, match="transport"):
+        transport.open_transport("pigeon", 0, 2, 0, 5.0)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny.build_pipeline("sd15", seed=0)
+
+
+@needs_no_nccl
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_asyncdiff_nccl_on_cpu_pipeline(sd15, monkeypatch, torchrun):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    if torchrun:  # as a torchrun rank: must fail at once, not wait for peers
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+    forward = sd15.unet.forward
+    with pytest.raises(ValueError) as info:
+        AsyncDiff(sd15, model_n=2, transport="nccl")
+    text = str(info.value)
+    assert text.startswith("transport: 'nccl' is not usable here"), text
+    assert "NCCL transport unavailable" in text or "no CUDA device" in text, text
+    assert sd15.unet.forward == forward  # nothing was attached
+
+
+def test_asyncdiff_auto_stays_emulation_without_torchrun(sd15, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ad = AsyncDiff(sd15, model_n=2)
+    try:
+        assert ad.mode == "emulate"
+    finally:
+        ad.remove()
+
+
+def test_check_transport_rules():
+    transport.check_transport("shm", torch.device("cpu"))  # nothing to say
+    if not transport.available()["nccl"]:
+        raises_naming(ValueError, "transport", transport.check_transport, "nccl", torch.device("cuda", 0))
+    raises_naming(ValueError, "transport", transport.check_transport, "nccl", torch.device("cpu"))
+
+
+# --------------------------------------------------- NcclTransport arguments
+
+VALID = dict(unique_id=bytes(128), world_size=2, rank=1, device=0, timeout=1.0)
+
+
+def construct(**changes):
+    kw = {**VALID, **changes}
+    return _core.NcclTransport(kw["unique_id"], kw["world_size"], kw["rank"], kw["device"], kw["timeout"])
+
+
+@pytest.mark.parametrize("uid", ["x" * 128, 128, None, [0] * 128, 1.5, object()])
+def test_unique_id_wrong_type(uid):
+    raises_naming(TypeError, "unique_id", construct, unique_id=uid)
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 129, 256])
+def test_unique_id_wrong_size(n):
+    raises_naming(ValueError, "unique_id", construct, unique_id=bytes(n))
+
+
+@pytest.mark.parametrize("name", ["world_size", "rank", "device"])
+@pytest.mark.parametrize("value", [1.0, "1", None, True, False, np.bool_(True), [1], 1j])
+def test_int_arguments_wrong_type(name, value):
+    raises_naming(TypeError, name, construct, **{name: value})
+
+
+@pytest.mark.parametrize("changes, name", [
+    (dict(world_size=0), "world_size"), (dict(world_size=-3), "world_size"),
+    (dict(world_size=2**31), "world_size"), (dict(world_size=2**80), "world_size"),
+    (dict(world_size=65537, rank=0), "world_size"),
+    (dict(rank=2), "rank"), (dict(rank=-1), "rank"), (dict(rank=2**70), "rank"),
+    (dict(device=-1), "device"), (dict(device=-(2**40)), "device"),
+    (dict(timeout=-1.0), "timeout"), (dict(timeout=float("nan")), "timeout"),
+    (dict(timeout=float("inf")), "timeout"),
+])
+def test_bad_values_named(changes, name):
+    raises_naming(ValueError, name, construct, **changes)
+
+
+@pytest.mark.parametrize("timeout", ["1", None, True, [1.0]])
+def test_timeout_wrong_type(timeout):
+    raises_naming(TypeError, "timeout", construct, timeout=timeout)
+
+
+@needs_no_nccl
+def test_bytes_like_unique_ids_accepted_up_to_loading():
+    for uid in (bytes(128), bytearray(128), memoryview(bytes(128)), np.zeros(128, np.uint8)):
+        try:
+            construct(unique_id=uid, world_size=1, rank=0)
+        except _core.AsyncDiffError as exc:  # no NCCL here: the first thing that fails is the library
+            assert exc.status in ("unsupported", "external_error", "timeout"), exc
+        except TimeoutError:
+            pass
+
+
+@needs_no_nccl  # with NCCL, valid arguments would really try to connect
+@SETTINGS
+@given(world=st.integers(-(2**64), 2**64), rank=st.integers(-(2**64), 2**64),
+       device=st.integers(-(2**64), 2**64))
+def test_constructor_ranges_fuzz(world, rank, device):
+    valid = 1 <= world <= 65536 and 0 <= rank < world and device >= 0 and device < 2**31
+    try:
+        construct(world_size=world, rank=rank, device=device)
+    except ARG_ERRORS as exc:
+        assert not valid, f"valid arguments refused: {exc!r}"
+        assert any(n in str(exc) for n in ("world_size", "rank", "device")), exc
+    except (_core.AsyncDiffError, TimeoutError) as exc:
+        assert valid, f"invalid arguments reached the library: {exc!r}"
+    else:
+        pytest.fail("NcclTransport was created from a zero unique id")
+
+
+# ------------------------------------------------------ exchange arguments
+
+def check(world, sends, recvs, stream=0, timeout=1.0):
+    return _core._nccl_check_exchange(world, sends, recvs, stream, timeout)
+
+
+def test_check_exchange_accepts_good_items():
+    assert check(2, [(1, 4096, 16)], [(1, 8192, 16), (0, 1, 1)]) is None
+    assert check(1, [], []) is None
+    assert check(1, (), ((0, 1, 1),), stream=2**40, timeout=0) is None
+    assert check(3, [(np.int64(2), np.uint64(10), np.int32(5))], []) is None
+
+
+@pytest.mark.parametrize("which", ["sends", "recvs"])
+@pytest.mark.parametrize("items, exc", [
+    ("abc", TypeError), (b"abc", TypeError), (None, TypeError), (5, TypeError), ({1: 2}, TypeError),
+    ([(1, 2)], TypeError), ([(1, 2, 3, 4)], TypeError), ([[1, 2, 3]], TypeError), ([None], TypeError),
+    ([(1.0, 2, 3)], TypeError), ([(1, 2.0, 3)], TypeError), ([(1, 2, 3.0)], TypeError),
+    ([(True, 2, 3)], TypeError), ([(1, "2", 3)], TypeError), ([(1, None, 3)], TypeError),
+    ([(1, -2, 3)], ValueError), ([(1, 2, -3)], ValueError), ([(1, 2**64, 3)], ValueError),
+    ([(1, 2, 2**64)], ValueError), ([(2**40, 2, 3)], ValueError),
+    ([(2, 8, 8)], ValueError), ([(-1, 8, 8)], ValueError),
+    ([(1, 0, 8)], ValueError), ([(1, 8, 0)], ValueError),
+])
+def test_check_exchange_bad_items(which, items, exc):
+    good = [(1, 64, 64)]
+    kwargs = {"sends": good, "recvs": good, which: items}
+    raises_naming(exc, which, check, 2, kwargs["sends"], kwargs["recvs"])
+
+
+@pytest.mark.parametrize("stream, exc", [(-1, ValueError), (1.0, TypeError), ("0", TypeError), (None, TypeError),
+                                         (True, TypeError), (2**64, ValueError)])
+def test_check_exchange_bad_stream(stream, exc):
+    raises_naming(exc, "stream", check, 2, [], [], stream=stream)
+
+
+@pytest.mark.parametrize("timeout, exc", [(-0.5, ValueError), (float("nan"), ValueError), ("1", TypeError)])
+def test_check_exchange_bad_timeout(timeout, exc):
+    raises_naming(exc, "timeout", check, 2, [], [], timeout=timeout)
+
+
+def test_check_exchange_wrong_arity_and_world():
+    with pytest.raises(TypeError):
+        _core._nccl_check_exchange(2, [], [], 0)
+    raises_naming(ValueError, "world_size", check, 0, [], [])
+    raises_naming(TypeError, "world_size", check, 2.0, [], [])
+
+
+ints = st.one_of(st.integers(-(2**65), 2**65), st.sampled_from([0, 1, -1, 2**63 - 1, 2**63, 2**64 - 1]))
+items = st.lists(st.tuples(st.integers(-3, 5), ints, ints), max_size=6)
+
+
+@SETTINGS
+@given(world=st.integers(1, 4), sends=items, recvs=items)
+def test_check_exchange_fuzz_matches_reference(world, sends, recvs):
+    """The C check agrees with the rule written out in Python."""
+    def ok(item):
+        peer, ptr, nbytes = item
+        return 0 <= peer < world and 1 <= ptr <= INT64_MAX and 1 <= nbytes <= INT64_MAX
+
+    expected = all(map(ok, sends)) and all(map(ok, recvs))
+    try:
+        check(world, sends, recvs)
+    except ARG_ERRORS as exc:
+        assert not expected, f"good items refused: {exc!r}"
+        assert "sends" in str(exc) or "recvs" in str(exc), exc
+    else:
+        assert expected, "bad items accepted"
+
+
+# ---------------------------------------------------------------- the build
+
+def _core_library() -> Path:
+    return Path(_core.__file__)
+
+
+def test_extension_does_not_link_cuda_or_nccl():
+    so = _core_library()
+    readelf = shutil.which("readelf")
+    nm = shutil.which("nm")
+    if readelf is None or nm is None:
+        pytest.skip("readelf/nm (binutils) not installed")
+    dynamic = subprocess.run([readelf, "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert not any("cuda" in line or "nccl" in line for line in needed), needed
+    undefined = subprocess.run([nm, "-D", "--undefined-only", str(so)], capture_output=True, text=True,
+                               check=True).stdout.split()
+    gpu = [s for s in undefined if re.match(r"(cuda|nccl|cu[A-Z])", s)]
+    assert not gpu, f"linked against GPU symbols: {gpu}"
+    assert "dlopen" in " ".join(undefined) and "dlsym" in " ".join(undefined)
+
+
+def test_c_sources_need_no_gpu_headers():
+    for src in [*GPU_SOURCES, ROOT / "csrc" / "gpu.h", ROOT / "csrc" / "nccl.h", ROOT / "csrc" / "_coremodule.c"]:
+        for line in src.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#include"):
+                assert not any(h in stripped for h in ("cuda", "nccl.h>", "<nccl", "nvrtc")), f"{src.name}: {line}"
+
+
+def _compiler():
+    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler found (set CC)")
+    return cc
+
+
+def _cc(cmd):
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, f"build failed:\n{' '.join(map(str, cmd))}\n{built.stderr}"
+
+
+def test_gpu_sources_compile_alone(tmp_path):
+    """gpu.c and nccl.c are plain C: -Werror -Wpedantic with only csrc/ on the include path."""
+    cc = _compiler()
+    for src in GPU_SOURCES:
+        _cc([cc, *C_FLAGS, "-Wpedantic", "-O2", "-I", str(ROOT / "csrc"), "-c", str(src),
+             "-o", str(tmp_path / (src.stem + ".o"))])
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory):
+    """The stand-in CUDA runtime and NCCL (sonames libcudart.so.12 / libnccl.so.2)."""
+    cc = _compiler()
+    out = tmp_path_factory.mktemp("fakes")
+    cudart, nccl = out / "libfakecudart.so", out / "libfakenccl.so"
+    _cc([cc, *C_FLAGS, "-O2", "-DAD_FAKE_CUDART", "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12",
+         str(LOADER_TEST), "-o", str(cudart)])
+    _cc([cc, *C_FLAGS, "-O2", "-DAD_FAKE_NCCL", "-shared", "-fPIC", "-Wl,-soname,libnccl.so.2",
+         str(LOADER_TEST), "-o", str(nccl), "-ldl"])
+    return cudart, nccl
+
+
+def _run_loader_test(exe, fakes, env=None):
+    ran = subprocess.run([str(exe), str(fakes[0]), str(fakes[1])], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **(env or {})})
+    report = f"stdout:\n{ran.stdout}\nstderr:\n{ran.stderr}"
+    assert ran.returncode == 0, report
+    last = ran.stdout.strip().splitlines()[-1]
+    assert last.endswith(" passed, 0 failed") and int(last.split()[0]) >= 15, report
+    return ran, report
+
+
+def test_loader_and_transport_c_program(tmp_path, fakes):
+    cc = _compiler()
+    exe = tmp_path / "test_gpu_loader"
+    _cc([cc, *C_FLAGS, "-O2", "-g", "-I", str(ROOT / "csrc"), str(LOADER_TEST), *map(str, GPU_SOURCES),
+         "-o", str(exe), "-ldl", "-pthread"])
+    _run_loader_test(exe, fakes)
+
+
+def _sanitizer_problem(cc, workdir):
+    src, exe = workdir / "probe.c", workdir / "probe"
+    src.write_text("#include <stdlib.h>\n#include <unistd.h>\n"
+                   "int main(void){char *p = malloc(8); p[0] = 0; int r = p[0]; free(p);"
+                   " return r + (fork() < 0);}\n")
+    built = subprocess.run([cc, *SANITIZE_FLAGS, str(src), "-o", str(exe)], capture_output=True, text=True,
+                           timeout=120)
+    if built.returncode != 0:
+        return f"{cc} cannot build with -fsanitize=address,undefined: {built.stderr.strip()[:300]}"
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **SANITIZE_ENV})
+    if ran.returncode != 0:
+        return f"sanitized programs do not run here: {ran.stderr.strip()[:300]}"
+    return None
+
+
+def test_loader_and_transport_under_sanitizers(tmp_path, fakes):
+    cc = _compiler()
+    why = _sanitizer_problem(cc, tmp_path)
+    if why is not None:
+        pytest.skip(why)
+    exe = tmp_path / "test_gpu_loader_asan"
+    _cc([cc, *C_FLAGS, *SANITIZE_FLAGS, "-I", str(ROOT / "csrc"), str(LOADER_TEST), *map(str, GPU_SOURCES),
+         "-o", str(exe), "-ldl", "-pthread"])
+    ran, report = _run_loader_test(exe, fakes, SANITIZE_ENV)
+    assert not any(m in ran.stderr or m in ran.stdout for m in SANITIZER_MARKERS), report
+
+
+# ------------------------------------- the binding against the stand-ins
+
+BINDING_SCRIPT = textwrap.dedent(r'''
+    import os, sys, threading
+    import numpy as np
+    import torch
+    from asyncdiff import _core
+
+    case = sys.argv[1]
+    assert _core.transports()["nccl"] is True, _core.gpu_status()
+    status = _core.gpu_status()
+    assert "libfakenccl" in status and "(ASYNCDIFF_NCCL_LIBRARY)" in status, status
+    uid = _core.nccl_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == _core.NCCL_UNIQUE_ID_BYTES == 128 and uid[:4] == b"FAKE"
+
+    def ptr(a):
+        return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+
+    if case == "roundtrip":
+        t = _core.NcclTransport(uid, 1, 0, 0, 5.0)
+        assert (t.world_size, t.rank, t.device, t.blocking, t.failed, t.closed) == (1, 0, 0, False, False, False)
+        assert isinstance(t.stream, int) and t.stream != 0
+        rng = np.random.default_rng(0)
+        for n in (1, 1000, 1 << 20):
+            a = rng.integers(0, 256, n, dtype=np.uint8)
+            b = np.zeros(n, np.uint8)
+            t.exchange([(0, ptr(a), a.nbytes)], [(0, ptr(b), b.nbytes)], 0, 5.0)
+            assert np.array_equal(a, b)
+        # half precision travels as bytes: no upcast, bit for bit (NaN payloads too)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(333).to(dtype)
+            x[7] = float("nan")
+            y = torch.zeros_like(x)
+            t.exchange([(0, ptr(x), x.numel() * x.element_size())], [(0, ptr(y), y.numel() * y.element_size())],
+                       0, 5.0)
+            assert torch.equal(x.view(torch.int16), y.view(torch.int16))
+        # several items to one peer pair in list order
+        parts = [np.full(k + 1, k, np.uint8) for k in range(5)]
+        outs = [np.zeros(k + 1, np.uint8) for k in range(5)]
+        t.exchange([(0, ptr(p), p.nbytes) for p in parts], [(0, ptr(o), o.nbytes) for o in outs], 0, 5.0)
+        assert all(np.array_equal(p, o) for p, o in zip(parts, outs))
+        t.exchange([], [], 0, 5.0)
+        t.wait(5.0)
+        # bad arguments on the real method: refused, the handle stays usable
+        a = np.zeros(8, np.uint8)
+        for sends, recvs, stream, name in [([(1, ptr(a), 8)], [], 0, "sends"), ([], [(0, ptr(a), 0)], 0, "recvs"),
+                                           ([], [(0, 0, 8)], 0, "recvs"), ([], [], -1, "stream"),
+                                           ([(0, ptr(a))], [], 0, "sends")]:
+            try:
+                t.exchange(sends, recvs, stream, 5.0)
+            except (TypeError, ValueError) as exc:
+                assert name in str(exc), exc
+            else:
+                raise AssertionError("accepted")
+        for args, kwargs in (((), {}), ((1,), {}), (([], [], 0), {"timeout": 1.0})):
+            try:
+                t.exchange(*args, **kwargs)
+            except TypeError:
+                pass
+            else:
+                raise AssertionError("accepted")
+        assert not t.failed
+        t.exchange([(0, ptr(a), 8)], [(0, ptr(a), 8)], 0, 5.0)
+        t.close(False)
+        assert t.closed and t.world_size == 0 and t.stream == 0
+        t.close(False)  # twice is fine
+        for call in (lambda: t.exchange([], [], 0, 1.0), lambda: t.wait(1.0)):
+            try:
+                call()
+            except ValueError as exc:
+                assert "closed" in str(exc)
+            else:
+                raise AssertionError("closed transport used")
+        # a communicator left open is aborted when collected
+        u = _core.NcclTransport(uid, 1, 0, 0, 5.0)
+        del u
+        # a wrong device, a corrupted id
+        try:
+            _core.NcclTransport(uid, 1, 0, 5, 5.0)
+        except ValueError as exc:
+            assert "device" in str(exc), exc
+        else:
+            raise AssertionError("device 5 accepted")
+        try:
+            _core.NcclTransport(bytes(128), 1, 0, 0, 5.0)
+        except _core.AsyncDiffError as exc:
+            assert exc.status == "external_error" and "ncclCommInitRankConfig" in str(exc), exc
+        else:
+            raise AssertionError("bad id accepted")
+        # GIL released while waiting: another thread runs meanwhile
+        os.environ["FAKE_CUDA_EVENT_POLLS"] = "600"  # a few hundred ms of polling
+        t = _core.NcclTransport(uid, 1, 0, 0, 30.0)
+        t.exchange([(0, ptr(a), 8)], [(0, ptr(a), 8)], 0, 30.0)
+        ticks = []
+        stop = threading.Event()
+        def tick():
+            while not stop.is_set():
+                ticks.append(1)
+                stop.wait(0.001)
+        th = threading.Thread(target=tick)
+        th.start()
+        t.wait(30.0)
+        stop.set()
+        th.join()
+        assert len(ticks) > 3, len(ticks)
+        t.close(False)
+    elif case == "timeout":
+        t = _core.NcclTransport(uid, 1, 0, 0, 5.0)
+        a = np.zeros(64, np.uint8)
+        try:
+            t.exchange([(0, ptr(a), 64)], [(0, ptr(a), 64)], 0, 0.2)
+        except TimeoutError as exc:
+            assert exc.status == "timeout" and "ncclGroupEnd" in str(exc), exc
+        else:
+            raise AssertionError("no timeout")
+        assert t.failed
+        try:
+            t.exchange([(0, ptr(a), 64)], [(0, ptr(a), 64)], 0, 0.2)
+        except _core.AsyncDiffError as exc:
+            assert exc.status == "bad_state", exc
+        else:
+            raise AssertionError("aborted transport used")
+        t.close(False)
+    elif case == "peer_gone":
+        t = _core.NcclTransport(uid, 1, 0, 0, 5.0)
+        a = np.zeros(64, np.uint8)
+        try:
+            t.exchange([(0, ptr(a), 64)], [(0, ptr(a), 64)], 0, 5.0)
+        except _core.AsyncDiffError as exc:
+            assert exc.status == "peer_gone" and "remote" in str(exc), exc
+        else:
+            raise AssertionError("no error")
+        t.close(True)
+    elif case == "init_timeout":
+        try:
+            _core.NcclTransport(uid, 2, 0, 0, 0.3)
+        except TimeoutError as exc:
+            assert "within the timeout" in str(exc), exc
+        else:
+            raise AssertionError("no timeout")
+    print("binding ok", case)
+''')
+
+
+@pytest.mark.parametrize("case, env", [
+    ("roundtrip", {"FAKE_NCCL_INIT_POLLS": "2", "FAKE_NCCL_GROUP_POLLS": "2", "FAKE_CUDA_EVENT_POLLS": "3"}),
+    ("timeout", {"FAKE_NCCL_GROUP_HANG": "1"}),
+    ("peer_gone", {"FAKE_NCCL_ASYNC_ERROR": "6"}),
+    ("init_timeout", {"FAKE_NCCL_INIT_HANG": "1"}),
+])
+def test_binding_against_stand_in_libraries(fakes, tmp_path, case, env):
+    script = tmp_path / "binding.py"
+    script.write_text(BINDING_SCRIPT)
+    full_env = {**os.environ, "ASYNCDIFF_CUDART_LIBRARY": str(fakes[0]), "ASYNCDIFF_NCCL_LIBRARY": str(fakes[1]),
+                **env}
+    ran = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=300,
+                         env=full_env, cwd=tmp_path)
+    assert ran.returncode == 0 and f"binding ok {case}" in ran.stdout, f"{ran.stdout}\n{ran.stderr}"
