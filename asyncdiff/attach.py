@@ -383,7 +383,7 @@ class AsyncDiff:
         """Who reads which unit: each rank receives only the outputs that reach
         the blocks it computes (traced once on a meta copy, see traffic.py)."""
         self._needs = traffic.needs(self.layout, self.denoiser, bound.args, bound.kwargs, self.split,
-                                    self.model_n, self.stride)
+                                    self.model_n, self.stride, forward=self._original_forward)
         self._readers = {u: frozenset(r for r, units in self._needs.items() if u in units) for u in self.split.owner}
 
     def _plan_slots(self, out):

@@ -2,9 +2,9 @@
 
 A split is a list of ``model_n`` components, each a list of unit names (see
 ``asyncdiff.arch``).  Component ``r`` runs on rank ``r``.  The automatic split
-counts every fine unit's FLOPs on the real input shapes (on the ``meta``
-device, so nothing is computed) and asks the C partitioner for the contiguous
-split in execution order that minimises the largest component.
+takes every fine unit's FLOPs on the real input shapes (``asyncdiff.probe``:
+on the ``meta`` device, nothing is computed) and asks the C partitioner for
+the contiguous split in execution order that minimises the largest component.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from . import _core
 from .arch import Layout
+from .probe import probe
 
 # The original AsyncDiff splits (SPEC section 4), keyed by (family, model_n).
 # The x4-upscaler N=2 entry reads `u1.us` where the original wrote `u0.us`.
@@ -133,121 +134,11 @@ def preset(layout: Layout, n: int) -> str | None:
     return PRESETS.get((layout.family, n))
 
 
-def _meta_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
-    """The denoiser rebuilt from its config on the meta device, every tensor
-    in the dtype it has in the real model (fp16 models keep some fp32 parts)."""
-    config = dict(denoiser.config)
-    with torch.device("meta"):
-        model = type(denoiser).from_config(config)
-    real = dict(denoiser.named_parameters())
-    real.update(denoiser.named_buffers())
-    # a few modules build tensors outside the device context (e.g. SVD's mix factors)
-    model = model.to("meta")
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        src = real.get(name)
-        if src is not None and src.dtype != tensor.dtype:
-            tensor.data = torch.empty_like(tensor, dtype=src.dtype)
-    return model
-
-
-def _to_meta(obj):
-    if isinstance(obj, torch.Tensor):
-        return torch.empty_like(obj, device="meta")
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_meta(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_meta(v) for k, v in obj.items()}
-    return obj
-
-
-_COST_CACHE: dict = {}
-
-
-def _cost_key(denoiser, args, kwargs):
-    """Same class, same config, same input shapes: same FLOPs."""
-    def sig(obj):
-        if isinstance(obj, torch.Tensor):
-            return ("T", tuple(obj.shape), str(obj.dtype))
-        if isinstance(obj, (list, tuple)):
-            return tuple(sig(o) for o in obj)
-        if isinstance(obj, dict):
-            return tuple(sorted((k, sig(v)) for k, v in obj.items()))
-        return repr(obj) if obj is None or isinstance(obj, (bool, int, float, str)) else type(obj).__name__
-
-    try:
-        config = repr(sorted(dict(denoiser.config).items()))
-    except Exception:  # noqa: BLE001 - no usable config: do not cache
-        return None
-    return (type(denoiser).__qualname__, config, sig(args), sig(kwargs))
-
-
-def count_costs(
-    layout: Layout, denoiser: torch.nn.Module, args: tuple, kwargs: dict, on_meta: bool = True, forward=None
-) -> tuple[list[str], list[float]]:
-    """FLOPs of every fine unit for these inputs, in the order the units run.
-
-    The count runs on a ``meta`` copy built from the denoiser's config (no
-    memory, no compute).  A denoiser that cannot be built that way is counted
-    on itself with the real inputs once, through ``forward`` (its original
-    forward when AsyncDiff has wrapped it).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    key = _cost_key(denoiser, args, kwargs)
-    if key is not None and key in _COST_CACHE:
-        return _COST_CACHE[key]
-    fine = layout.fine_units()
-    model, call_args, call_kwargs = denoiser, args, kwargs
-    if on_meta:
-        try:
-            model = _meta_copy(denoiser)
-            call_args, call_kwargs = _to_meta(args), _to_meta(kwargs)
-        except Exception:  # noqa: BLE001 - any failure means: count on the real model
-            model, call_args, call_kwargs = denoiser, args, kwargs
-    counter = FlopCounterMode(display=False)
-    order: list[str] = []
-    start: dict[str, int] = {}
-    costs: dict[str, float] = {}
-    handles = []
-
-    def pre(name):
-        def hook(_mod, _args):
-            if name not in start:
-                order.append(name)
-            start[name] = counter.get_total_flops()
-        return hook
-
-    def post(name):
-        def hook(_mod, _args, _out):
-            costs[name] = costs.get(name, 0.0) + float(counter.get_total_flops() - start[name])
-        return hook
-
-    failed = False
-    try:
-        for name in fine:
-            mod = layout.module(name, model)
-            handles.append(mod.register_forward_pre_hook(pre(name)))
-            handles.append(mod.register_forward_hook(post(name)))
-        with torch.no_grad(), counter:
-            try:
-                run = forward if (model is denoiser and forward is not None) else model
-                run(*call_args, **call_kwargs)
-            except Exception:
-                if model is denoiser:
-                    raise
-                failed = True  # the meta copy could not run this forward
-    finally:
-        for h in handles:
-            h.remove()
-    if failed:
-        return count_costs(layout, denoiser, args, kwargs, on_meta=False, forward=forward)
-    missing = [u for u in fine if u not in costs]
-    if missing:
-        raise TypeError(f"denoiser: unit {missing[0]!r} did not run during a forward; AsyncDiff cannot split this model")
-    result = (order, [costs[u] for u in order])
-    if key is not None:
-        _COST_CACHE[key] = result
-    return result
+def count_costs(layout: Layout, denoiser: torch.nn.Module, args: tuple, kwargs: dict, forward=None):
+    """FLOPs of every fine unit for these inputs, in the order the units run
+    (one traced forward on the meta device, see ``probe``)."""
+    p = probe(layout, denoiser, args, kwargs, forward)
+    return list(p.order), [p.flops[u] for u in p.order]
 
 
 def auto(layout: Layout, n: int, order: list[str], costs: list[float]) -> Split:

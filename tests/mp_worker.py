@@ -7,6 +7,7 @@ transport and saves the latents and block-execution counts per rank.
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -51,9 +52,11 @@ def main():
     pipes = {}
     for cfg in configs:
         arch = cfg["arch"]
+        start = time.perf_counter()
         if arch not in pipes:
             pipes[arch] = tiny.build_pipeline(arch, seed=0)
         result = run(cfg, pipes[arch], rank)
+        print(f"{cfg['id']}: {time.perf_counter() - start:.2f} s", flush=True)
         torch.save(result, os.path.join(outdir, f"{cfg['id']}.rank{rank}.pt"))
     print(f"rank {rank} done", flush=True)
 
