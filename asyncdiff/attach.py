@@ -73,6 +73,11 @@ def _check_int(name, value, low=None, choices=None):
 _instances = itertools.count()
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 class AsyncDiff:
     """Asynchronous denoising over ``model_n`` components (AsyncDiff, NeurIPS 2024).
 
@@ -86,8 +91,10 @@ class AsyncDiff:
     split: None (paper preset when the architecture has one, else auto),
         ``"auto"``, ``"paper"``, or an explicit split (``"conv_in d0 | ..."``
         or a list of lists of unit names).
-    transport: ``"auto"`` (emulation without torchrun, else shared memory),
-        ``"emulate"`` or ``"shm"``.
+    transport: ``"auto"`` (emulation without torchrun; under torchrun NCCL
+        when every rank has a GPU and NCCL loads, else shared memory),
+        ``"emulate"``, ``"shm"`` or ``"nccl"``.  Under torchrun with CUDA
+        available, a pipeline still on the CPU is moved to ``cuda:LOCAL_RANK``.
     timeout: seconds any wait for another rank may take before it raises.
     """
 
@@ -130,7 +137,6 @@ class AsyncDiff:
         if self.model_n > n_fine:
             raise ValueError(f"model_n: {self.model_n} components but the denoiser has only {n_fine} units to share")
         self.split = splits.resolve_static(self.layout, self.model_n, split)
-        self._split_request = split
         self.mode, self.rank = self._choose_mode(transport)
         self.counts: Counter = Counter()  # (rank, unit) -> executions in the async phase
         self._instance = next(_instances)
@@ -149,7 +155,12 @@ class AsyncDiff:
         if self.mode != "emulate":
             from .transport import open_transport
 
-            device = next(itertools.chain(denoiser.parameters(), denoiser.buffers()), torch.empty(0)).device
+            device = _device_of(denoiser)
+            if device.type == "cpu" and torch.cuda.is_available():
+                # one GPU per rank: cuda:LOCAL_RANK, unless the user placed the pipeline already
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+                pipeline.to(device)
             self._transport = open_transport(self.mode, self.rank, self.world_size, self._instance, self.timeout,
                                              device=device)
             self.mode = self._transport.kind  # "auto" resolved to "nccl" or "shm", alike on every rank
@@ -168,8 +179,7 @@ class AsyncDiff:
         if transport == "nccl":  # say at once when NCCL cannot serve this denoiser here
             from .transport import check_transport
 
-            check_transport("nccl", next(itertools.chain(self.denoiser.parameters(), self.denoiser.buffers()),
-                                         torch.empty(0)).device)
+            check_transport("nccl", _device_of(self.denoiser))
         env_world = os.environ.get("WORLD_SIZE")
         if transport == "emulate" or (transport == "auto" and env_world is None):
             return "emulate", 0
