@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from asyncdiff import AsyncDiff, splits, tiny
+from asyncdiff.arch import describe as arch_of
 
 ARCHS = ("sd15", "sd21", "sdxl")
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
@@ -211,3 +212,39 @@ def test_world_size_mismatch_is_refused(pipes, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ValueError, match="world size"):
         AsyncDiff(pipes["sd15"], model_n=2, stride=1)
+
+
+OTHER_ARCHS = ("sd15_img2img", "sdxl_img2img", "sdxl_inpaint", "upscaler", "svd", "animatediff", "sd3",
+               "sdxl_controlnet")
+
+
+def frames(out):
+    return out.images if hasattr(out, "images") else out.frames
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+@pytest.mark.parametrize("split", ["paper", "auto"])
+def test_every_family_with_preset_and_auto_split(arch, split):
+    pipe = tiny.build_pipeline(arch, seed=0)
+    steps = 6
+    kw = lambda: dict(tiny.default_call_kwargs(arch), num_inference_steps=steps)  # noqa: E731
+    plain = frames(pipe(**kw()))
+    for n, stride in ((2, 1), (3, 2)):
+        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        if split == "paper" and splits.preset(arch_of(denoiser), n) is None:
+            continue
+        ad = AsyncDiff(pipe, model_n=n, stride=stride, warm_up=steps, split=split)
+        try:
+            assert torch.equal(frames(pipe(**kw())), plain)  # warm_up >= steps: the plain pipeline
+        finally:
+            ad.remove()
+        ad = AsyncDiff(pipe, model_n=n, stride=stride, warm_up=1, split=split)
+        try:
+            out = frames(pipe(**kw()))
+            assert torch.isfinite(out).all() and not torch.equal(out, plain)
+            owner = ad.split.owner
+            assert ad.split.source == split
+            ranks_of = {u: {owner[u]} | ({n} if stride == 2 and owner[u] == n - 1 else set()) for u in owner}
+            assert {(r, u) for (r, u) in ad.counts} == {(r, u) for u in owner for r in ranks_of[u]}
+        finally:
+            ad.remove()
