@@ -849,17 +849,24 @@ static int timeout_arg(PyObject *obj, double *out)
     return 0;
 }
 
-static int shm_usable(ShmObject *self)
+/* A transport handle can be used: not gone (`gone` says how it went) and not
+ * inside the C transport on another thread.  Shared by every transport type. */
+static int handle_usable(const void *handle, int busy, const char *gone)
 {
-    if (self->handle == NULL) {
-        PyErr_SetString(PyExc_ValueError, "transport is detached");
+    if (handle == NULL) {
+        PyErr_Format(PyExc_ValueError, "transport is %s", gone);
         return -1;
     }
-    if (self->busy) {
+    if (busy) {
         PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
         return -1;
     }
     return 0;
+}
+
+static int shm_usable(ShmObject *self)
+{
+    return handle_usable(self->handle, self->busy, "detached");
 }
 
 static PyObject *shm_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -1459,15 +1466,7 @@ typedef struct {
 
 static int nccl_usable(NcclObject *self)
 {
-    if (self->handle == NULL) {
-        PyErr_SetString(PyExc_ValueError, "transport is closed");
-        return -1;
-    }
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
-        return -1;
-    }
-    return 0;
+    return handle_usable(self->handle, self->busy, "closed");
 }
 
 static PyObject *nccl_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)

@@ -13,7 +13,6 @@ thread on the same inputs, and the transport copies bytes.
 
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch

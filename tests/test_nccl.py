@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, compiler, require_sanitizers, sanitizer_report
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,11 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LOADER_TEST = ROOT / "csrc" / "tests" / "test_gpu_loader.c"
 GPU_SOURCES = [ROOT / "csrc" / "gpu.c", ROOT / "csrc" / "nccl.c"]
 C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror"]
-SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer"]
-SANITIZE_ENV = {"ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0",
-                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
-SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
 ARG_ERRORS = (TypeError, ValueError, OverflowError)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NCCL_USABLE = _core.transports()["nccl"]
@@ -316,13 +313,6 @@ def test_c_sources_need_no_gpu_headers():
                 assert not any(h in stripped for h in ("cuda", "nccl.h>", "<nccl", "nvrtc")), f"{src.name}: {line}"
 
 
-def _compiler():
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler found (set CC)")
-    return cc
-
-
 def _cc(cmd):
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, f"build failed:\n{' '.join(map(str, cmd))}\n{built.stderr}"
@@ -330,7 +320,7 @@ def _cc(cmd):
 
 def test_gpu_sources_compile_alone(tmp_path):
     """gpu.c and nccl.c are plain C: -Werror -Wpedantic with only csrc/ on the include path."""
-    cc = _compiler()
+    cc = compiler()
     for src in GPU_SOURCES:
         _cc([cc, *C_FLAGS, "-Wpedantic", "-O2", "-I", str(ROOT / "csrc"), "-c", str(src),
              "-o", str(tmp_path / (src.stem + ".o"))])
@@ -339,7 +329,7 @@ def test_gpu_sources_compile_alone(tmp_path):
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory):
     """The stand-in CUDA runtime and NCCL (sonames libcudart.so.12 / libnccl.so.2)."""
-    cc = _compiler()
+    cc = compiler()
     out = tmp_path_factory.mktemp("fakes")
     cudart, nccl = out / "libfakecudart.so", out / "libfakenccl.so"
     _cc([cc, *C_FLAGS, "-O2", "-DAD_FAKE_CUDART", "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12",
@@ -360,39 +350,21 @@ def _run_loader_test(exe, fakes, env=None):
 
 
 def test_loader_and_transport_c_program(tmp_path, fakes):
-    cc = _compiler()
+    cc = compiler()
     exe = tmp_path / "test_gpu_loader"
     _cc([cc, *C_FLAGS, "-O2", "-g", "-I", str(ROOT / "csrc"), str(LOADER_TEST), *map(str, GPU_SOURCES),
          "-o", str(exe), "-ldl", "-pthread"])
     _run_loader_test(exe, fakes)
 
 
-def _sanitizer_problem(cc, workdir):
-    src, exe = workdir / "probe.c", workdir / "probe"
-    src.write_text("#include <stdlib.h>\n#include <unistd.h>\n"
-                   "int main(void){char *p = malloc(8); p[0] = 0; int r = p[0]; free(p);"
-                   " return r + (fork() < 0);}\n")
-    built = subprocess.run([cc, *SANITIZE_FLAGS, str(src), "-o", str(exe)], capture_output=True, text=True,
-                           timeout=120)
-    if built.returncode != 0:
-        return f"{cc} cannot build with -fsanitize=address,undefined: {built.stderr.strip()[:300]}"
-    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **SANITIZE_ENV})
-    if ran.returncode != 0:
-        return f"sanitized programs do not run here: {ran.stderr.strip()[:300]}"
-    return None
-
-
 def test_loader_and_transport_under_sanitizers(tmp_path, fakes):
-    cc = _compiler()
-    why = _sanitizer_problem(cc, tmp_path)
-    if why is not None:
-        pytest.skip(why)
+    cc = compiler()
+    require_sanitizers(cc, tmp_path)
     exe = tmp_path / "test_gpu_loader_asan"
     _cc([cc, *C_FLAGS, *SANITIZE_FLAGS, "-I", str(ROOT / "csrc"), str(LOADER_TEST), *map(str, GPU_SOURCES),
          "-o", str(exe), "-ldl", "-pthread"])
     ran, report = _run_loader_test(exe, fakes, SANITIZE_ENV)
-    assert not any(m in ran.stderr or m in ran.stdout for m in SANITIZER_MARKERS), report
+    assert not sanitizer_report(ran.stderr, ran.stdout), report
 
 
 # ------------------------------------- the binding against the stand-ins
