@@ -229,7 +229,7 @@ def test_every_family_with_preset_and_auto_split(arch, split):
     steps = 6
     kw = lambda: dict(tiny.default_call_kwargs(arch), num_inference_steps=steps)  # noqa: E731
     plain = frames(pipe(**kw()))
-    for n, stride in ((2, 1), (3, 2)):
+    for n, stride in ((2, 1), (3, 2), (4, 1)):
         denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
         if split == "paper" and splits.preset(arch_of(denoiser), n) is None:
             continue
