@@ -355,6 +355,21 @@ error:
     return st;
 }
 
+/* What every call on a live handle checks first: a handle, not aborted, and
+ * a usable timeout. */
+static ad_status check_usable(const ad_nccl *h, double timeout_s, ad_err *err)
+{
+    if (h == NULL)
+        return AD_INVALID(err, "handle", "the NCCL handle is NULL");
+    if (h->failed || h->comm == NULL)
+        return ad_err_set(err, AD_ESTATE, NULL,
+                          "the NCCL transport was aborted after an earlier error; "
+                          "create a new one");
+    if (!valid_timeout(timeout_s))
+        return AD_INVALID(err, "timeout", "timeout must be finite and >= 0 seconds");
+    return AD_OK;
+}
+
 ad_status ad_nccl_exchange(ad_nccl *h, const ad_nccl_send *sends, size_t ns,
                            const ad_nccl_recv *recvs, size_t nr, void *compute_stream,
                            double timeout_s, ad_err *err)
@@ -364,14 +379,9 @@ ad_status ad_nccl_exchange(ad_nccl *h, const ad_nccl_send *sends, size_t ns,
     int saved = -1;
     ad_status st = AD_OK;
 
-    if (h == NULL)
-        return AD_INVALID(err, "handle", "the NCCL handle is NULL");
-    if (h->failed || h->comm == NULL)
-        return ad_err_set(err, AD_ESTATE, NULL,
-                          "the NCCL transport was aborted after an earlier error; "
-                          "create a new one");
-    if (!valid_timeout(timeout_s))
-        return AD_INVALID(err, "timeout", "timeout must be finite and >= 0 seconds");
+    st = check_usable(h, timeout_s, err);
+    if (st != AD_OK)
+        return st;
     st = ad_nccl_check_items(h->world, sends, ns, recvs, nr, err);
     if (st != AD_OK)
         return st;
@@ -443,14 +453,9 @@ ad_status ad_nccl_wait(ad_nccl *h, double timeout_s, ad_err *err)
     int saved = -1;
     ad_status st = AD_OK;
 
-    if (h == NULL)
-        return AD_INVALID(err, "handle", "the NCCL handle is NULL");
-    if (h->failed || h->comm == NULL)
-        return ad_err_set(err, AD_ESTATE, NULL,
-                          "the NCCL transport was aborted after an earlier error; "
-                          "create a new one");
-    if (!valid_timeout(timeout_s))
-        return AD_INVALID(err, "timeout", "timeout must be finite and >= 0 seconds");
+    st = check_usable(h, timeout_s, err);
+    if (st != AD_OK)
+        return st;
     if (!h->pending)
         return AD_OK;
     st = enter_device(h, &saved, err);
