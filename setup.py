@@ -1,17 +1,29 @@
 """Build of the C extension asyncdiff._core.
 
 Project metadata lives in pyproject.toml; this file only describes the
-extension.  Add new C files to CORE_SOURCES (one list, nothing else to edit).
+extension, and it is the one place that says how C in csrc/ is compiled:
+the C tests (tests/cbuild.py) read CORE_SOURCES, COMPILE_ARGS and the rest
+from here.  Importing or running it with another __name__ builds nothing;
+setuptools' build backend runs it as __main__.
+
+Add a new C file of the module to CORE_SOURCES and its header to
+CORE_HEADERS (headers are listed so that they land in the sdist and a change
+to one rebuilds the module).
 """
 import sys
 
 import numpy
 from setuptools import Extension, setup
 
-# Every C file compiled into asyncdiff._core.  _coremodule.c is the only one
-# that includes Python.h; the others are plain C (see csrc/status.h).
+# Every C file compiled into asyncdiff._core.  The _*.c files are the
+# binding (the only ones that include Python.h); the others are plain C (see
+# csrc/status.h).
 CORE_SOURCES = [
     "csrc/_coremodule.c",
+    "csrc/_convert.c",
+    "csrc/_schedule_type.c",
+    "csrc/_shm_type.c",
+    "csrc/_nccl_type.c",
     "csrc/partition.c",
     "csrc/schedule.c",
     "csrc/shm.c",
@@ -19,19 +31,39 @@ CORE_SOURCES = [
     "csrc/nccl.c",
 ]
 
-extra_compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra"]
-libraries = []
+CORE_HEADERS = [
+    "csrc/_coremodule.h",
+    "csrc/status.h",
+    "csrc/partition.h",
+    "csrc/schedule.h",
+    "csrc/shm.h",
+    "csrc/gpu.h",
+    "csrc/nccl.h",
+]
+
+INCLUDE_DIRS = ["csrc", numpy.get_include()]
+
+# The flags of every C build: the module and the C test programs alike
+# (tests add sanitizers or -Werror on top).
+COMPILE_ARGS = ["-O2", "-std=c11", "-Wall", "-Wextra"]
+
+LIBRARIES = []
 if sys.platform.startswith("linux"):
     # dl: GPU libraries (NCCL, CUDA runtime) are opened at run time with
     # dlopen.  rt: shm_open and friends on glibc older than 2.34.
-    libraries += ["dl", "rt"]
+    LIBRARIES += ["dl", "rt"]
 
-core = Extension(
-    "asyncdiff._core",
-    sources=CORE_SOURCES,
-    include_dirs=["csrc", numpy.get_include()],
-    extra_compile_args=extra_compile_args,
-    libraries=libraries,
-)
 
-setup(ext_modules=[core])
+def core_extension() -> Extension:
+    return Extension(
+        "asyncdiff._core",
+        sources=CORE_SOURCES,
+        depends=CORE_HEADERS,
+        include_dirs=INCLUDE_DIRS,
+        extra_compile_args=COMPILE_ARGS,
+        libraries=LIBRARIES,
+    )
+
+
+if __name__ == "__main__":
+    setup(ext_modules=[core_extension()])

@@ -1,20 +1,34 @@
 """Building and running the C core's own test programs (shared by the C tests).
 
-One place for the compiler lookup, the sanitizer flags and environment, the
-probe that tells whether sanitized programs can run on this machine, and the
-markers of a sanitizer report.
+One place for the compiler lookup, the build command, the sanitizer flags
+and environment, the probe that tells whether sanitized programs can run on
+this machine, and the markers of a sanitizer report.  The compile flags are
+setup.py's (COMPILE_ARGS): a test adds sanitizers or -Werror on top, never
+its own copy of the base flags.
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+# setup.py builds nothing unless run as __main__.
+_SETUP = runpy.run_path(str(ROOT / "setup.py"), run_name="asyncdiff_build_flags")
+CORE_SOURCES: list[str] = list(_SETUP["CORE_SOURCES"])
+CORE_HEADERS: list[str] = list(_SETUP["CORE_HEADERS"])
+INCLUDE_DIRS: list[str] = [str(ROOT / d) if not os.path.isabs(d) else d for d in _SETUP["INCLUDE_DIRS"]]
+COMPILE_ARGS: list[str] = list(_SETUP["COMPILE_ARGS"])
+LIBRARIES: list[str] = list(_SETUP["LIBRARIES"])
+
 SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer"]
 SANITIZE_ENV = {"ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0",
@@ -28,6 +42,28 @@ def compiler() -> str:
     if cc is None:
         pytest.skip("no C compiler found (set CC)")
     return cc
+
+
+def build(cc: str, sources, out: Path, *, extra=(), libs=(), timeout: int = 300) -> Path:
+    """Compile and link `sources` (paths relative to the repository root, or
+    absolute) into `out` with setup.py's flags, csrc/ on the include path,
+    then `extra` flags; fails the test with the command and the compiler's
+    output when the build fails."""
+    cmd = [cc, *COMPILE_ARGS, "-I", str(CSRC), *extra, *[str(ROOT / s) for s in sources],
+           "-o", str(out), *libs]
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert built.returncode == 0, f"build failed:\n{' '.join(cmd)}\n{built.stderr}"
+    return out
+
+
+def build_extension(cc: str, name: str, sources, out_dir: Path, *, extra=()) -> Path:
+    """A test-only extension module `name` built from `sources` the way
+    setup.py builds asyncdiff._core (same flags, include dirs, libraries),
+    into out_dir; import it with out_dir on sys.path."""
+    out = out_dir / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+    includes = [f"-I{d}" for d in (sysconfig.get_paths()["include"], *INCLUDE_DIRS)]
+    return build(cc, sources, out, extra=["-shared", "-fPIC", *includes, *extra],
+                 libs=[f"-l{lib}" for lib in LIBRARIES])
 
 
 def sanitizer_problem(cc: str, workdir: Path) -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, compiler, require_sanitizers, sanitizer_report
+from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,7 +37,7 @@ from asyncdiff import AsyncDiff, _core, tiny, transport
 ROOT = Path(__file__).resolve().parent.parent
 LOADER_TEST = ROOT / "csrc" / "tests" / "test_gpu_loader.c"
 GPU_SOURCES = [ROOT / "csrc" / "gpu.c", ROOT / "csrc" / "nccl.c"]
-C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror"]
+WERROR = ["-Werror"]  # on top of setup.py's flags
 ARG_ERRORS = (TypeError, ValueError, OverflowError)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NCCL_USABLE = _core.transports()["nccl"]
@@ -306,24 +306,19 @@ def test_extension_does_not_link_cuda_or_nccl():
 
 
 def test_c_sources_need_no_gpu_headers():
-    for src in [*GPU_SOURCES, ROOT / "csrc" / "gpu.h", ROOT / "csrc" / "nccl.h", ROOT / "csrc" / "_coremodule.c"]:
+    binding = sorted((ROOT / "csrc").glob("_*.[ch]"))
+    for src in [*GPU_SOURCES, ROOT / "csrc" / "gpu.h", ROOT / "csrc" / "nccl.h", *binding]:
         for line in src.read_text().splitlines():
             stripped = line.strip()
             if stripped.startswith("#include"):
                 assert not any(h in stripped for h in ("cuda", "nccl.h>", "<nccl", "nvrtc")), f"{src.name}: {line}"
 
 
-def _cc(cmd):
-    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, f"build failed:\n{' '.join(map(str, cmd))}\n{built.stderr}"
-
-
 def test_gpu_sources_compile_alone(tmp_path):
     """gpu.c and nccl.c are plain C: -Werror -Wpedantic with only csrc/ on the include path."""
     cc = compiler()
     for src in GPU_SOURCES:
-        _cc([cc, *C_FLAGS, "-Wpedantic", "-O2", "-I", str(ROOT / "csrc"), "-c", str(src),
-             "-o", str(tmp_path / (src.stem + ".o"))])
+        build(cc, [src], tmp_path / (src.stem + ".o"), extra=[*WERROR, "-Wpedantic", "-c"])
 
 
 @pytest.fixture(scope="module")
@@ -332,10 +327,10 @@ def fakes(tmp_path_factory):
     cc = compiler()
     out = tmp_path_factory.mktemp("fakes")
     cudart, nccl = out / "libfakecudart.so", out / "libfakenccl.so"
-    _cc([cc, *C_FLAGS, "-O2", "-DAD_FAKE_CUDART", "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12",
-         str(LOADER_TEST), "-o", str(cudart)])
-    _cc([cc, *C_FLAGS, "-O2", "-DAD_FAKE_NCCL", "-shared", "-fPIC", "-Wl,-soname,libnccl.so.2",
-         str(LOADER_TEST), "-o", str(nccl), "-ldl"])
+    build(cc, [LOADER_TEST], cudart,
+          extra=[*WERROR, "-DAD_FAKE_CUDART", "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12"])
+    build(cc, [LOADER_TEST], nccl,
+          extra=[*WERROR, "-DAD_FAKE_NCCL", "-shared", "-fPIC", "-Wl,-soname,libnccl.so.2"], libs=["-ldl"])
     return cudart, nccl
 
 
@@ -352,8 +347,7 @@ def _run_loader_test(exe, fakes, env=None):
 def test_loader_and_transport_c_program(tmp_path, fakes):
     cc = compiler()
     exe = tmp_path / "test_gpu_loader"
-    _cc([cc, *C_FLAGS, "-O2", "-g", "-I", str(ROOT / "csrc"), str(LOADER_TEST), *map(str, GPU_SOURCES),
-         "-o", str(exe), "-ldl", "-pthread"])
+    build(cc, [LOADER_TEST, *GPU_SOURCES], exe, extra=[*WERROR, "-g"], libs=["-ldl", "-pthread"])
     _run_loader_test(exe, fakes)
 
 
@@ -361,8 +355,7 @@ def test_loader_and_transport_under_sanitizers(tmp_path, fakes):
     cc = compiler()
     require_sanitizers(cc, tmp_path)
     exe = tmp_path / "test_gpu_loader_asan"
-    _cc([cc, *C_FLAGS, *SANITIZE_FLAGS, "-I", str(ROOT / "csrc"), str(LOADER_TEST), *map(str, GPU_SOURCES),
-         "-o", str(exe), "-ldl", "-pthread"])
+    build(cc, [LOADER_TEST, *GPU_SOURCES], exe, extra=[*WERROR, *SANITIZE_FLAGS], libs=["-ldl", "-pthread"])
     ran, report = _run_loader_test(exe, fakes, SANITIZE_ENV)
     assert not sanitizer_report(ran.stderr, ran.stdout), report
 

@@ -8,11 +8,8 @@ library it needs to LINK_LIBS; that is the only place to edit.
 """
 import os
 import subprocess
-from pathlib import Path
 
-from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, compiler, require_sanitizers, sanitizer_report
-
-ROOT = Path(__file__).resolve().parent.parent
+from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
 
 # Core C files linked into the test program (never _coremodule.c).
 CORE_C_SOURCES = [
@@ -22,19 +19,13 @@ CORE_C_SOURCES = [
 TEST_PROGRAM = "csrc/tests/test_core.c"
 LINK_LIBS = ["-lm"]
 
-C_FLAGS = ["-std=c11", "-Wall", "-Wextra"]
-
 
 def test_core_under_sanitizers(tmp_path):
     cc = compiler()
     require_sanitizers(cc, tmp_path)
 
-    exe = tmp_path / "test_core"
-    cmd = [cc, *C_FLAGS, *SANITIZE_FLAGS, "-I", str(ROOT / "csrc"),
-           str(ROOT / TEST_PROGRAM), *[str(ROOT / s) for s in CORE_C_SOURCES],
-           "-o", str(exe), *LINK_LIBS]
-    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, f"build failed:\n{' '.join(cmd)}\n{built.stderr}"
+    exe = build(cc, [TEST_PROGRAM, *CORE_C_SOURCES], tmp_path / "test_core", extra=SANITIZE_FLAGS,
+                libs=LINK_LIBS)
 
     ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, **SANITIZE_ENV}, cwd=tmp_path)

@@ -16,23 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, compiler, require_sanitizers, sanitizer_report
+from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["csrc/shm.c", "csrc/tests/test_shm.c"]
 LIBS = ["-lm", "-lrt"]  # -lrt: shm_open lives there on glibc < 2.34
-C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-I", str(ROOT / "csrc")]
-PLAIN_FLAGS = ["-O2", "-g", "-Werror"]
+PLAIN_FLAGS = ["-g", "-Werror"]  # on top of setup.py's flags (-O2 among them)
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(),
                                 reason="no /dev/shm on this host")
 
 
 def _build(cc, flags, out):
-    cmd = [cc, *C_FLAGS, *flags, *[str(ROOT / s) for s in SOURCES],
-           "-o", str(out), *LIBS]
-    built = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert built.returncode == 0, f"build failed:\n{' '.join(cmd)}\n{built.stderr}"
-    return out
+    return build(cc, SOURCES, out, extra=flags, libs=LIBS)
 
 
 def _ours(pid):
