@@ -18,9 +18,13 @@ static PyStructSequence_Field plan_fields[] = {
     {"exchange", "same on all ranks: this call has a transport event"},
     {"timestep_index", "index into the timesteps for the denoiser's timestep argument"},
     {"result_rank", "rank whose denoiser output replaces every rank's output, -1 none"},
+    {"receive", "same on all ranks: this call's transport event delivers the owners' "
+                "stored outputs to the ranks that read them"},
+    {"result_cached", "same on all ranks: the denoiser output is the replayed final "
+                      "block's cached output"},
     {NULL, NULL},
 };
-#define PLAN_NFIELDS 9
+#define PLAN_NFIELDS 11
 
 PyStructSequence_Desc ad_plan_desc = {
     "asyncdiff._core.Plan",
@@ -133,6 +137,8 @@ static PyObject *schedule_plan(PyObject *op, PyObject *args, PyObject *kwargs)
             PyBool_FromLong(p.exchange),
             PyLong_FromLong(p.timestep_index),
             PyLong_FromLong(p.result_rank),
+            PyBool_FromLong(p.receive),
+            PyBool_FromLong(p.result_cached),
         };
         int failed = 0;
         for (int i = 0; i < PLAN_NFIELDS; i++) {
@@ -148,6 +154,129 @@ static PyObject *schedule_plan(PyObject *op, PyObject *args, PyObject *kwargs)
 error:
     Py_CLEAR(result);
     return NULL;
+}
+
+PyDoc_STRVAR(schedule_component_of_doc,
+"component_of(rank) -> int\n"
+"\n"
+"The component rank `rank` (0 <= rank < world_size) computes in the\n"
+"asynchronous phase: rank r < model_n computes component r; with stride 2\n"
+"the extra rank model_n computes component model_n - 1.");
+
+static PyObject *schedule_component_of(PyObject *op, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"rank", NULL};
+    ScheduleObject *self = (ScheduleObject *)op;
+    ad_int_arg rank = {"rank", INT_MIN, INT_MAX, 0};
+    ad_err err = {0};
+    ad_status s;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&:component_of", kwlist, ad_conv_int,
+                                     &rank))
+        return NULL;
+    s = ad_schedule_check_rank(self->model_n, self->stride, (int)rank.value, &err);
+    if (s != AD_OK) {
+        raise_status(ad_state_of(op), s, &err);
+        return NULL;
+    }
+    return PyLong_FromLong(ad_schedule_component_of(self->model_n, self->stride,
+                                                    (int)rank.value));
+}
+
+/* The rows of a world x units 0/1 matrix as a tuple of tuples of the
+ * column indices that hold 1 (in increasing order). */
+static PyObject *rows_as_index_tuples(const unsigned char *m, int world, npy_intp units)
+{
+    PyObject *result = NULL, *row = NULL, *index = NULL;
+
+    result = PyTuple_New(world);
+    if (result == NULL)
+        goto error;
+    for (int r = 0; r < world; r++) {
+        const unsigned char *bits = m + (size_t)r * (size_t)units;
+        Py_ssize_t count = 0, j = 0;
+        for (npy_intp u = 0; u < units; u++)
+            count += bits[u];
+        row = PyTuple_New(count);
+        if (row == NULL)
+            goto error;
+        for (npy_intp u = 0; u < units; u++) {
+            if (!bits[u])
+                continue;
+            index = PyLong_FromSsize_t((Py_ssize_t)u);
+            if (index == NULL)
+                goto error;
+            PyTuple_SET_ITEM(row, j++, index); /* steals */
+            index = NULL;
+        }
+        PyTuple_SET_ITEM(result, r, row); /* steals */
+        row = NULL;
+    }
+    return result;
+error:
+    Py_CLEAR(row);
+    Py_CLEAR(result);
+    return NULL;
+}
+
+PyDoc_STRVAR(schedule_receives_doc,
+"receives(owner, reads, final) -> tuple[tuple[int, ...], ...]\n"
+"\n"
+"What each rank must receive at the events where owners' outputs are\n"
+"delivered (plan.receive), for a model cut into U units.  owner: 1-D ints,\n"
+"the component in [0, model_n) of each unit (every component owns one at\n"
+"least); reads: U x U of 0/1 (bool or integers), reads[u, v] = 1 when unit\n"
+"v's output reaches unit u's input through glue code; final: the unit whose\n"
+"output is the denoiser output (owned by component model_n - 1).  Returns,\n"
+"for each of the world_size ranks, the sorted unit indices it receives:\n"
+"what its computed units read less what they compute, with stride 2 the\n"
+"final unit too, less the units the rank owns.");
+
+static PyObject *schedule_receives(PyObject *op, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"owner", "reads", "final", NULL};
+    ScheduleObject *self = (ScheduleObject *)op;
+    const int world = ad_schedule_world_size(self->model_n, self->stride);
+    ad_array_arg owner = {"owner", NULL}, reads = {"reads", NULL};
+    ad_int_arg final = {"final", LONG_MIN, LONG_MAX, 0};
+    unsigned char *out = NULL;
+    PyObject *result = NULL;
+    npy_intp units;
+    ad_err err = {0};
+    ad_status s;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&:receives", kwlist, ad_conv_assign,
+                                     &owner, ad_conv_matrix01, &reads, ad_conv_int, &final))
+        goto error;
+    if (ad_assign_to_int32(&owner, self->model_n) < 0)
+        goto error;
+    units = PyArray_DIM(owner.array, 0);
+    if (units > 0) {
+        if ((size_t)units > PY_SSIZE_T_MAX / (size_t)world) {
+            PyErr_NoMemory();
+            goto error;
+        }
+        out = PyMem_Malloc((size_t)world * (size_t)units);
+        if (out == NULL) {
+            PyErr_NoMemory();
+            goto error;
+        }
+    }
+    s = ad_schedule_receives(self->model_n, self->stride,
+                             (const int32_t *)PyArray_DATA(owner.array), (size_t)units,
+                             (const unsigned char *)PyArray_DATA(reads.array),
+                             (size_t)PyArray_DIM(reads.array, 0),
+                             (size_t)PyArray_DIM(reads.array, 1), (long)final.value, out, &err);
+    if (s != AD_OK) {
+        raise_status(ad_state_of(op), s, &err);
+        goto error;
+    }
+    result = rows_as_index_tuples(out, world, units);
+error:
+    PyMem_Free(out);
+    ad_array_clear(&owner);
+    ad_array_clear(&reads);
+    return result;
 }
 
 /* Pickling support: Schedule(model_n, stride, warm_up, time_shift, steps). */
@@ -196,6 +325,10 @@ static PyGetSetDef schedule_getset[] = {
 static PyMethodDef schedule_methods[] = {
     {"plan", (PyCFunction)(void (*)(void))schedule_plan, METH_VARARGS | METH_KEYWORDS,
      schedule_plan_doc},
+    {"component_of", (PyCFunction)(void (*)(void))schedule_component_of,
+     METH_VARARGS | METH_KEYWORDS, schedule_component_of_doc},
+    {"receives", (PyCFunction)(void (*)(void))schedule_receives, METH_VARARGS | METH_KEYWORDS,
+     schedule_receives_doc},
     {"__reduce__", schedule_reduce, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -204,7 +337,9 @@ PyDoc_STRVAR(schedule_doc,
 "Schedule(model_n, stride, warm_up, time_shift, steps)\n"
 "\n"
 "The asynchronous schedule of docs/design.md §3 for one pipeline call of\n"
-"`steps` denoiser calls.  Immutable; plan(rank, k) says what a rank does.");
+"`steps` denoiser calls.  Immutable; plan(rank, k) says what a rank does,\n"
+"component_of(rank) which component it computes, receives(owner, reads,\n"
+"final) which units' outputs each rank receives.");
 
 static PyType_Slot schedule_slots[] = {
     {Py_tp_new, schedule_new},

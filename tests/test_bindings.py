@@ -199,6 +199,73 @@ def test_plan_call_forms():
             s.plan(*args, **kwargs)
 
 
+@pytest.mark.parametrize("rank, exc", [
+    (3, ValueError), (-1, ValueError), (2**31, ValueError), (10**40, ValueError),
+    (1.0, TypeError), (True, TypeError), (None, TypeError), ("0", TypeError),
+])
+def test_component_of_bad_arguments(rank, exc):
+    raises_naming(exc, "rank", _core.Schedule(**GOOD).component_of, rank)
+
+
+def test_component_of_call_forms():
+    s = _core.Schedule(**GOOD)
+    assert s.component_of(2) == s.component_of(rank=2) == s.component_of(np.int8(2)) == 1
+    for args, kwargs in [((), {}), ((1, 2), {}), ((1,), {"rank": 1}), ((), {"r": 1})]:
+        with pytest.raises(TypeError):
+            s.component_of(*args, **kwargs)
+
+
+# A valid receives() call for GOOD (model_n=2): units 0, 1 of component 0,
+# units 2, 3 of component 1, unit 3 the final one.
+OWNER = [0, 0, 1, 1]
+READS = np.eye(4, k=-1, dtype=bool)
+FINAL = 3
+
+
+@pytest.mark.parametrize("name, value, exc", [
+    ("owner", [0.0, 0.0, 1.0, 1.0], TypeError), ("owner", [True, False, True, True], TypeError),
+    ("owner", "0011", TypeError), ("owner", None, TypeError), ("owner", [None] * 4, TypeError),
+    ("owner", np.array(OWNER, dtype=object), TypeError), ("owner", [2**70, 0, 1, 1], TypeError),
+    ("owner", 0, ValueError), ("owner", [OWNER], ValueError), ("owner", [], ValueError),
+    ("owner", [0, 2, 1, 1], ValueError), ("owner", [-1, 0, 1, 1], ValueError),
+    ("owner", [0, 0, 0, 1, 1], ValueError), ("owner", [1, 1, 1, 1], ValueError),
+    ("owner", np.array([2**40, 0, 1, 1]), ValueError),
+    ("owner", np.array([2**64 - 1, 0, 1, 1], dtype=np.uint64), ValueError),
+    ("reads", np.eye(4), TypeError), ("reads", [[0.5] * 4] * 4, TypeError), ("reads", "abcd", TypeError),
+    ("reads", None, TypeError), ("reads", np.zeros((4, 4), dtype=object), TypeError),
+    ("reads", np.zeros((4, 4), dtype=complex), TypeError),
+    ("reads", [1, 0, 0, 0], ValueError), ("reads", np.zeros((4, 4, 1), bool), ValueError),
+    ("reads", np.zeros((3, 4), bool), ValueError), ("reads", np.zeros((4, 5), bool), ValueError),
+    ("reads", [], ValueError), ("reads", np.zeros((0, 0), bool), ValueError),
+    ("reads", np.full((4, 4), 2), ValueError), ("reads", np.full((4, 4), -1), ValueError),
+    ("reads", np.full((4, 4), 255, dtype=np.uint8), ValueError),
+    ("reads", np.full((4, 4), 2**64 - 1, dtype=np.uint64), ValueError),
+    ("final", 4, ValueError), ("final", -1, ValueError), ("final", 10**30, ValueError),
+    ("final", 0, ValueError),  # owned by component 0, not by the last one
+    ("final", 3.0, TypeError), ("final", True, TypeError), ("final", None, TypeError),
+    ("final", "3", TypeError),
+])
+def test_receives_bad_arguments(name, value, exc):
+    kwargs = dict(owner=OWNER, reads=READS, final=FINAL)
+    kwargs[name] = value
+    raises_naming(exc, name, _core.Schedule(**GOOD).receives, **kwargs)
+
+
+def test_receives_accepts_dtypes_and_views():
+    s = _core.Schedule(**GOOD)
+    want = s.receives(OWNER, READS, FINAL)
+    for dtype in (np.int8, np.uint8, np.int32, np.uint64, ">i8"):
+        assert s.receives(np.array(OWNER, dtype=dtype), READS.astype(dtype), np.int16(FINAL)) == want
+    wide = np.zeros((4, 8), dtype=bool)
+    wide[:, ::2] = READS
+    assert s.receives(np.repeat(OWNER, 2)[::2], wide[:, ::2], FINAL) == want  # strided views
+    assert s.receives(owner=OWNER, final=FINAL, reads=READS.tolist()) == want
+    for args, kwargs in [((OWNER, READS), {}), ((OWNER, READS, FINAL, 1), {}),
+                         ((OWNER, READS), {"last": FINAL})]:
+        with pytest.raises(TypeError):
+            s.receives(*args, **kwargs)
+
+
 def test_schedule_type_is_final_and_missing_args():
     with pytest.raises(TypeError):
         class Sub(_core.Schedule):  # noqa: F841
@@ -271,6 +338,20 @@ def test_fuzz_plan(rank, k):
     call_fuzzed(_core.Schedule(**GOOD).plan, ("rank", "k"), rank, k)
 
 
+@SETTINGS
+@given(st.one_of(anything(), st.integers(-3, 5)))
+def test_fuzz_component_of(rank):
+    call_fuzzed(_core.Schedule(**GOOD).component_of, ("rank",), rank)
+
+
+@SETTINGS
+@given(st.one_of(anything(), st.lists(st.integers(-1, 2), max_size=5)),
+       st.one_of(anything(), st.lists(st.lists(st.integers(-1, 2), max_size=5), max_size=5)),
+       st.one_of(anything(), st.integers(-1, 5)))
+def test_fuzz_receives(owner, reads, final):
+    call_fuzzed(_core.Schedule(**GOOD).receives, ("owner", "reads", "final"), owner, reads, final)
+
+
 # ----------------------------------------------------- GIL release and leaks
 
 def test_partition_from_threads():
@@ -301,6 +382,11 @@ def _error_paths():
                lambda: _core.validate_assignment([0, 2**40], 2),
                lambda: _core.cost_summary([1.0], [0, 0], 1),
                lambda: s.plan(9, 0),
+               lambda: s.component_of(7),
+               lambda: s.receives([0, 0, 1, 1], np.ones((4, 3), bool), 3),
+               lambda: s.receives([0, 0, 1, 1], [[2] * 4] * 4, 3),
+               lambda: s.receives([0.0, 1.0], READS, 3),
+               lambda: s.receives(OWNER, READS, 0),
                lambda: _core.Schedule(2, 3, 1, False, 5)):
         try:
             fn()
@@ -309,6 +395,7 @@ def _error_paths():
     _core.partition(np.arange(50.0), 4)
     _core.cost_summary(np.arange(4.0), [0, 1, 1, 0], 2)
     s.plan(1, 3)
+    s.receives(OWNER, READS, FINAL)
 
 
 @pytest.mark.skipif(hasattr(sys, "pypy_version_info"), reason="CPython allocator")
@@ -323,6 +410,6 @@ def test_no_leak_on_repeated_calls():
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    # 3000 rounds x ~11 calls: a leak of even one small object per call
+    # 3000 rounds x ~17 calls: a leak of even one small object per call
     # would be far above this.
     assert grown < 200_000, grown

@@ -388,6 +388,155 @@ static void test_schedule_errors(void)
     CHECK(ad_schedule_world_size(3, 2) == 4);
 }
 
+/* The new fields agree with the plans of all ranks: receive is "some owner
+ * publishes", result_cached is "stride-2 sync call"; component_of is what
+ * the async plans compute. */
+static void test_schedule_receive_and_cached(void)
+{
+    int bad = 0, count = 0;
+    for (int n = 1; n <= 5; n++)
+        for (int s = 1; s <= 2; s++)
+            for (long L = 1; L <= 9; L++)
+                for (int w = 1; w <= L + 1; w++)
+                    for (long k = 0; k < L; k++) {
+                        const int M = n + s - 1;
+                        int any_publish = 0;
+                        ad_plan first = plan_of(n, s, w, 1, L, 0, k);
+                        for (int r = 0; r < M; r++) {
+                            ad_plan p = plan_of(n, s, w, 1, L, r, k);
+                            count++;
+                            any_publish |= p.publish && r < n;
+                            bad += p.receive != first.receive;
+                            bad += p.result_cached != first.result_cached;
+                            bad += p.result_cached != (s == 2 && k >= w && k % 2 == 0);
+                            bad += p.result_cached && (p.result_rank != -1 || p.exchange);
+                            bad += p.receive && !p.exchange;
+                            if (!p.warmup && p.compute_component >= 0)
+                                bad += p.compute_component != ad_schedule_component_of(n, s, r);
+                        }
+                        bad += first.receive != any_publish;
+                    }
+    CHECK(count > 0);
+    CHECK(bad == 0);
+
+    CHECK(ad_schedule_component_of(3, 1, 0) == 0 && ad_schedule_component_of(3, 1, 2) == 2);
+    CHECK(ad_schedule_component_of(3, 2, 3) == 2);
+    CHECK(ad_schedule_component_of(3, 1, 3) == -1 && ad_schedule_component_of(3, 2, 4) == -1);
+    CHECK(ad_schedule_component_of(3, 2, -1) == -1 && ad_schedule_component_of(0, 1, 0) == -1);
+    CHECK(ad_schedule_component_of(3, 3, 0) == -1);
+    ad_err e = {0};
+    CHECK(ad_schedule_check_rank(3, 2, 3, &e) == AD_OK);
+    CHECK(ad_schedule_check_rank(3, 2, 4, &e) == AD_EINVAL && arg_is(&e, "rank"));
+}
+
+/* ad_schedule_receives against the rule written out with plain loops. */
+#define MAX_UNITS 12
+static void reference_receives(int n, int s, const int32_t *owner, size_t U,
+                               const unsigned char *reads, long final,
+                               unsigned char *out)
+{
+    const int M = n + s - 1;
+    for (int r = 0; r < M; r++) {
+        const int c = r < n ? r : n - 1;
+        for (size_t v = 0; v < U; v++) {
+            int wanted = 0;
+            for (size_t u = 0; u < U; u++)
+                wanted |= owner[u] == c && reads[u * U + v];
+            if (owner[v] == c)
+                wanted = 0;
+            if (s == 2 && (size_t)final == v && owner[final] != r)
+                wanted = 1;
+            if (r < n && owner[v] == r)
+                wanted = 0;
+            out[(size_t)r * U + v] = (unsigned char)wanted;
+        }
+    }
+}
+
+static void test_schedule_receives(void)
+{
+    int32_t owner[MAX_UNITS];
+    unsigned char reads[MAX_UNITS * MAX_UNITS];
+    unsigned char got[3 * 6 * MAX_UNITS], want[3 * 6 * MAX_UNITS];
+    int bad = 0, cases = 0;
+
+    for (int round = 0; round < 3000; round++) {
+        const int n = 1 + (int)(rnd() % 5), s = 1 + (int)(rnd() % 2);
+        const size_t U = (size_t)n + rnd() % (MAX_UNITS - (size_t)n + 1);
+        long final = -1;
+        ad_err e = {0};
+        /* every component owns one unit at least, the rest at random */
+        for (size_t u = 0; u < U; u++)
+            owner[u] = u < (size_t)n ? (int32_t)u : (int32_t)(rnd() % (uint32_t)n);
+        for (size_t u = U; u > 1; u--) {
+            size_t j = rnd() % u;
+            int32_t t = owner[u - 1];
+            owner[u - 1] = owner[j];
+            owner[j] = t;
+        }
+        for (size_t u = 0; u < U; u++)
+            if (owner[u] == n - 1 && (final < 0 || rnd() % 2 == 0))
+                final = (long)u;
+        const int density = 1 + (int)(rnd() % 4);
+        for (size_t i = 0; i < U * U; i++)
+            reads[i] = rnd() % 5 < (uint32_t)density;
+        memset(got, 0xa5, sizeof got);
+        ad_status st = ad_schedule_receives(n, s, owner, U, reads, U, U, final, got, &e);
+        reference_receives(n, s, owner, U, reads, final, want);
+        bad += st != AD_OK;
+        bad += memcmp(got, want, (size_t)(n + s - 1) * U) != 0;
+        cases++;
+    }
+    CHECK(cases == 3000);
+    CHECK(bad == 0);
+
+    /* a chain of four units, components {0, 1} and {2, 3}, final unit 3 */
+    const int32_t chain_owner[4] = {0, 0, 1, 1};
+    unsigned char chain[16] = {0};
+    for (int u = 1; u < 4; u++)
+        chain[u * 4 + u - 1] = 1;
+    unsigned char out[12];
+    ad_err e = {0};
+    CHECK(ad_schedule_receives(2, 1, chain_owner, 4, chain, 4, 4, 3, out, &e) == AD_OK);
+    CHECK(memcmp(out, "\0\0\0\0" "\0\1\0\0", 8) == 0);
+    CHECK(ad_schedule_receives(2, 2, chain_owner, 4, chain, 4, 4, 3, out, &e) == AD_OK);
+    CHECK(memcmp(out, "\0\0\0\1" "\0\1\0\0" "\0\1\0\1", 12) == 0);
+}
+
+static void test_schedule_receives_errors(void)
+{
+    const int32_t owner[4] = {0, 0, 1, 1};
+    unsigned char reads[16] = {0}, out[12];
+    ad_err e = {0};
+#define RECV(n, s, o, U, r, rows, cols, fin) \
+    ad_schedule_receives((n), (s), (o), (U), (r), (rows), (cols), (fin), out, &e)
+    CHECK(RECV(2, 1, owner, 4, reads, 4, 4, 3) == AD_OK);
+    CHECK(RECV(0, 1, owner, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "model_n"));
+    CHECK(RECV(2, 3, owner, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "stride"));
+    CHECK(RECV(2, 1, NULL, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "owner"));
+    CHECK(RECV(2, 1, owner, 0, reads, 0, 0, 0) == AD_EINVAL && arg_is(&e, "owner"));
+    CHECK(RECV(3, 1, owner, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "owner"));
+    CHECK(RECV(5, 1, owner, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "owner"));
+    const int32_t out_of_range[4] = {0, 2, 1, 1}, negative[4] = {0, -1, 1, 1},
+                  lonely[4] = {1, 1, 1, 1};
+    CHECK(RECV(2, 1, out_of_range, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "owner"));
+    CHECK(RECV(2, 1, negative, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "owner"));
+    CHECK(RECV(2, 1, lonely, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "owner"));
+    CHECK(RECV(2, 1, owner, 4, NULL, 4, 4, 3) == AD_EINVAL && arg_is(&e, "reads"));
+    CHECK(RECV(2, 1, owner, 4, reads, 3, 4, 3) == AD_EINVAL && arg_is(&e, "reads"));
+    CHECK(RECV(2, 1, owner, 4, reads, 4, 2, 3) == AD_EINVAL && arg_is(&e, "reads"));
+    reads[5] = 2;
+    CHECK(RECV(2, 1, owner, 4, reads, 4, 4, 3) == AD_EINVAL && arg_is(&e, "reads"));
+    reads[5] = 0;
+    CHECK(RECV(2, 1, owner, 4, reads, 4, 4, 4) == AD_EINVAL && arg_is(&e, "final"));
+    CHECK(RECV(2, 1, owner, 4, reads, 4, 4, -1) == AD_EINVAL && arg_is(&e, "final"));
+    CHECK(RECV(2, 1, owner, 4, reads, 4, 4, 0) == AD_EINVAL && arg_is(&e, "final"));
+    CHECK(ad_schedule_receives(2, 1, owner, 4, reads, 4, 4, 3, NULL, &e) == AD_EINVAL &&
+          arg_is(&e, "out"));
+    CHECK(ad_schedule_receives(2, 1, owner, 4, reads, 4, 4, 3, out, NULL) == AD_OK);
+#undef RECV
+}
+
 static void test_status(void)
 {
     ad_err e = {0};
@@ -418,6 +567,9 @@ int main(void)
     test_schedule_examples();
     test_schedule_invariants();
     test_schedule_errors();
+    test_schedule_receive_and_cached();
+    test_schedule_receives();
+    test_schedule_receives_errors();
     printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;
 }
