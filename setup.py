@@ -27,6 +27,7 @@ CORE_SOURCES = [
     "csrc/partition.c",
     "csrc/schedule.c",
     "csrc/shm.c",
+    "csrc/shm_data.c",
     "csrc/gpu.c",
     "csrc/nccl.c",
 ]
@@ -37,6 +38,7 @@ CORE_HEADERS = [
     "csrc/partition.h",
     "csrc/schedule.h",
     "csrc/shm.h",
+    "csrc/shm_internal.h",
     "csrc/gpu.h",
     "csrc/nccl.h",
 ]

@@ -1,36 +1,22 @@
 /*
- * shm.c -- shared-memory transport between the ranks of one host.
+ * shm.c -- shared-memory transport, control half: the control segment,
+ * peers' liveness, the one wait loop, attach / unlink / detach and the
+ * barrier.  The data segment (reserve, publish, fetch) is in shm_data.c;
+ * the layout both use is in shm_internal.h and the protocol in shm.h.
  *
- * See shm.h for the protocol.  This file is pure C (POSIX shm + C11
- * atomics); it never includes Python.h.
- *
- * Memory layout of the control segment:
- *
- *   [ header, 64 bytes ][ slot of rank 0, 64 bytes ] ... [ slot of rank W-1 ]
- *
- * Every field another process may change concurrently is a C11 atomic.
- * Each slot has exactly one writer (its rank; detach included), so a plain
- * "load, compare, store" is enough to move a counter forward.  Publication
- * of data uses release stores on `published` and acquire loads in readers;
- * the reverse direction (a reader telling the writer it may overwrite) uses
- * release stores on `ack` and acquire loads in the writer.
- *
- * The data segment holds two buffers of `cap` bytes each (cap is a multiple
- * of 64): buffer 0 at offset 0, buffer 1 at offset cap.  Event seq uses
- * buffer seq % 2.
+ * Pure C (POSIX shm + C11 atomics); never includes Python.h.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
 #endif
 
-#include "shm.h"
+#include "shm_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <sched.h>
 #include <signal.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,91 +26,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#if !defined(ATOMIC_LLONG_LOCK_FREE) || ATOMIC_LLONG_LOCK_FREE != 2
-#error "asyncdiff shm transport needs lock-free 64-bit atomics"
-#endif
-
-/* ------------------------------------------------------------------------ */
-/* Shared layout                                                             */
-/* ------------------------------------------------------------------------ */
-
-#define SHM_MAGIC UINT64_C(0x3144444d48534441) /* "ADSHMDD1" little endian */
-#define SHM_VERSION 1u
-#define SHM_LINE 64
-
-/* Values of slot.state.  FREE is what ftruncate's zero fill gives. */
-enum {
-    SLOT_FREE = 0,
-    SLOT_ATTACHED = 1,
-    SLOT_CLOSED = 2,  /* left normally (ad_shm_detach(h, 0)) */
-    SLOT_FAILED = 3   /* left because of an error (ad_shm_detach(h, 1)) */
-};
-
-typedef struct shm_header {
-    _Atomic uint64_t magic;    /* stored last by the creator (release) */
-    _Atomic uint32_t version;
-    _Atomic uint32_t world;
-    _Atomic uint64_t data_gen; /* generation of the current data segment */
-    _Atomic uint64_t data_cap; /* bytes per buffer of that generation */
-    char pad_[SHM_LINE - 4 * 8];
-} shm_header;
-
-typedef struct shm_slot {
-    _Atomic uint64_t published; /* last event this rank made visible */
-    _Atomic uint64_t ack;       /* this rank read everything up to here */
-    _Atomic uint64_t barrier;   /* number of barriers this rank entered */
-    _Atomic uint32_t state;     /* SLOT_* */
-    _Atomic int32_t pid;        /* owner's pid, 0 until known */
-    _Atomic uint64_t pidns;     /* owner's pid namespace (inode), 0 unknown */
-    _Atomic uint64_t wrote[2];  /* last seq written into buffer 0 / 1 */
-    char pad_[SHM_LINE - 7 * 8];
-} shm_slot;
-
-_Static_assert(sizeof(shm_header) == SHM_LINE, "header must fill one line");
-_Static_assert(sizeof(shm_slot) == SHM_LINE, "slot must fill one line");
-
 /* Bytes of the control segment for `world` ranks. */
 static size_t ctl_size(int world)
 {
     return sizeof(shm_header) + (size_t)world * sizeof(shm_slot);
 }
-
-/* ------------------------------------------------------------------------ */
-/* Handle                                                                    */
-/* ------------------------------------------------------------------------ */
-
-struct ad_shm {
-    char name[AD_SHM_MAX_NAME + 1]; /* control segment name */
-    int world;
-    int rank;
-    int created;       /* this handle created the control segment */
-    int attached;      /* our slot is ours (state set to ATTACHED) */
-    int broken;        /* a failed reserve left the buffers inconsistent */
-    unsigned char *ctl;   /* control mapping */
-    size_t ctl_len;
-    unsigned char *data;  /* data mapping: two buffers of `cap` bytes */
-    size_t data_len;
-    size_t cap;
-    uint64_t gen;         /* generation of `data` */
-    uint64_t last_pub;    /* last seq this rank published */
-    uint64_t nbarrier;    /* barriers entered by this rank */
-    uint64_t pidns;       /* our pid namespace, 0 if unknown */
-    int have_proc;        /* /proc/<pid>/stat can be read here */
-};
-
-static shm_header *hdr_of(const ad_shm *h)
-{
-    return (shm_header *)(void *)h->ctl;
-}
-
-static shm_slot *slot_of(const ad_shm *h, int r)
-{
-    return (shm_slot *)(void *)(h->ctl + sizeof(shm_header)) + r;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Small helpers                                                             */
-/* ------------------------------------------------------------------------ */
 
 static double now_s(void)
 {
@@ -152,14 +58,7 @@ static void sleep_ns(long ns)
     nanosleep(&ts, NULL);
 }
 
-/* Raise a counter that only this process writes. */
-static void raise_counter(_Atomic uint64_t *c, uint64_t v)
-{
-    if (atomic_load_explicit(c, memory_order_relaxed) < v)
-        atomic_store_explicit(c, v, memory_order_release);
-}
-
-static ad_status check_timeout(double timeout_s, ad_err *err)
+ad_status ad_shm_check_timeout(double timeout_s, ad_err *err)
 {
     /* isfinite rejects NaN and infinities: every wait must be bounded. */
     if (!isfinite(timeout_s) || timeout_s < 0.0)
@@ -169,7 +68,7 @@ static ad_status check_timeout(double timeout_s, ad_err *err)
     return AD_OK;
 }
 
-static ad_status check_handle(const ad_shm *h, ad_err *err)
+ad_status ad_shm_check_handle(const ad_shm *h, ad_err *err)
 {
     if (h == NULL || h->ctl == NULL)
         return AD_INVALID(err, "shm", "shared-memory handle is NULL or closed");
@@ -195,15 +94,6 @@ static ad_status check_name(const char *name, ad_err *err)
                           AD_SHM_MAX_NAME - 1, name);
     return AD_OK;
 }
-
-static void data_name(const ad_shm *h, uint64_t gen, char *buf, size_t len)
-{
-    snprintf(buf, len, "%s-d%llu", h->name, (unsigned long long)gen);
-}
-
-/* ------------------------------------------------------------------------ */
-/* Liveness of peers                                                         */
-/* ------------------------------------------------------------------------ */
 
 /* Identity of our pid namespace (the inode of /proc/self/ns/pid), or 0.
  * Pids of processes in another namespace mean nothing to us. */
@@ -278,19 +168,6 @@ static const char *peer_gone(const ad_shm *h, int r, int check_pid,
     return buf;
 }
 
-/* ------------------------------------------------------------------------ */
-/* The one wait loop                                                         */
-/* ------------------------------------------------------------------------ */
-
-/* What a wait is waiting for: counter `kind` of rank r reaching `target`. */
-enum { W_PUBLISHED, W_ACK, W_BARRIER, W_DATAGEN };
-
-typedef struct wait_spec {
-    int kind;
-    uint64_t target;
-    int only;        /* the one rank awaited, or -1: every rank but our own */
-} wait_spec;
-
 static uint64_t counter_of(const ad_shm *h, int kind, int r)
 {
     switch (kind) {
@@ -342,8 +219,8 @@ static const char *wait_what(int kind)
  * gone.  Peer states (closed/failed flags) are read on every round, one
  * atomic load each; peer pids are checked every PID_CHECK_US.
  */
-static ad_status wait_for(ad_shm *h, const wait_spec *w, double timeout_s,
-                          const char *op, ad_err *err)
+ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const char *op,
+                          ad_err *err)
 {
     const double start = now_s();
     double next_pid_check = start + PID_CHECK_US * 1e-6;
@@ -401,10 +278,6 @@ static ad_status wait_for(ad_shm *h, const wait_spec *w, double timeout_s,
         }
     }
 }
-
-/* ------------------------------------------------------------------------ */
-/* Attach / unlink / detach                                                  */
-/* ------------------------------------------------------------------------ */
 
 /* Rank 0: create and initialise the control segment. */
 static ad_status create_ctl(ad_shm *h, ad_err *err)
@@ -576,7 +449,7 @@ ad_status ad_shm_attach(const char *name, int world, int rank, int create,
         return AD_INVALID(err, "create",
                           "rank 0 creates the segment and the other ranks open "
                           "it; got create=%d on rank %d", create, rank);
-    if ((st = check_timeout(timeout_s, err)) != AD_OK)
+    if ((st = ad_shm_check_timeout(timeout_s, err)) != AD_OK)
         return st;
     if (!atomic_is_lock_free(&probe))
         return ad_err_set(err, AD_EUNSUPPORTED, NULL,
@@ -644,17 +517,13 @@ void ad_shm_detach(ad_shm *h, int failed)
     free(h);
 }
 
-/* ------------------------------------------------------------------------ */
-/* Barrier                                                                   */
-/* ------------------------------------------------------------------------ */
 
 /*
  * Counting barrier: entering the n-th barrier sets our counter to n; we may
  * leave when every other counter is >= n.  Nobody can be more than one
  * barrier ahead of a rank still inside, so plain counters suffice.
  */
-static ad_status barrier(ad_shm *h, double timeout_s, const char *op,
-                         ad_err *err)
+ad_status ad_shm_enter_barrier(ad_shm *h, double timeout_s, const char *op, ad_err *err)
 {
     wait_spec w;
     h->nbarrier++;
@@ -663,199 +532,17 @@ static ad_status barrier(ad_shm *h, double timeout_s, const char *op,
     w.kind = W_BARRIER;
     w.target = h->nbarrier;
     w.only = -1;
-    return wait_for(h, &w, timeout_s, op, err);
+    return ad_shm_wait_for(h, &w, timeout_s, op, err);
 }
 
 ad_status ad_shm_barrier(ad_shm *h, double timeout_s, ad_err *err)
 {
-    ad_status st = check_handle(h, err);
+    ad_status st = ad_shm_check_handle(h, err);
     if (st == AD_OK)
-        st = check_timeout(timeout_s, err);
+        st = ad_shm_check_timeout(timeout_s, err);
     if (st == AD_OK)
-        st = barrier(h, timeout_s, "barrier", err);
+        st = ad_shm_enter_barrier(h, timeout_s, "barrier", err);
     return st;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Reserve                                                                   */
-/* ------------------------------------------------------------------------ */
-
-/* Map data segment `dname` of `len` bytes; fd is closed afterwards. */
-static ad_status map_data(int fd, const char *dname, size_t len, void **out,
-                          ad_err *err)
-{
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-        int e = errno;
-        return ad_err_sys(err, e, NULL, "mmap(\"%s\", %zu) failed: %s", dname,
-                          len, strerror(e));
-    }
-    *out = p;
-    return AD_OK;
-}
-
-/* Rank 0's part: new segment, old contents copied, header updated. */
-static ad_status reserve_create(ad_shm *h, uint64_t gen, size_t cap,
-                                const char *dname, void **out, ad_err *err)
-{
-    ad_status st;
-    size_t len = 2 * cap;
-    unsigned char *p = NULL;
-    int fd = shm_open(dname, O_RDWR | O_CREAT | O_EXCL, 0600);
-
-    if (fd < 0) {
-        int e = errno;
-        return ad_err_sys(err, e, NULL, "shm_open(\"%s\", O_CREAT|O_EXCL) "
-                          "failed: %s", dname, strerror(e));
-    }
-    if (ftruncate(fd, (off_t)len) != 0) {
-        int e = errno;
-        st = ad_err_sys(err, e, NULL, "ftruncate(\"%s\", %zu) failed: %s",
-                        dname, len, strerror(e));
-        goto done;
-    }
-    /* Reserve the pages now: on a small tmpfs (a container's default
-     * /dev/shm is 64 MiB) a plain ftruncate would succeed and the first
-     * memcpy past the limit would kill the process with SIGBUS. */
-    {
-        int rc = posix_fallocate(fd, 0, (off_t)len);
-        if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL) {
-            st = ad_err_sys(err, rc, NULL,
-                            "posix_fallocate(\"%s\", %zu) failed: %s (is "
-                            "/dev/shm too small?)", dname, len, strerror(rc));
-            goto done;
-        }
-    }
-    st = map_data(fd, dname, len, (void **)&p, err);
-    if (st != AD_OK)
-        goto done;
-    /* Keep both old buffers' contents (events published before the reserve
-     * may still be fetched after it).  Every rank is inside the reserve,
-     * so nobody writes them now. */
-    if (h->data != NULL) {
-        memcpy(p, h->data, h->cap);
-        memcpy(p + cap, h->data + h->cap, h->cap);
-    }
-    atomic_store_explicit(&hdr_of(h)->data_cap, (uint64_t)cap,
-                          memory_order_relaxed);
-    atomic_store_explicit(&hdr_of(h)->data_gen, gen, memory_order_release);
-    *out = p;
-done:
-    close(fd);
-    if (st != AD_OK)
-        shm_unlink(dname);
-    return st;
-}
-
-/* Other ranks: wait for rank 0's new segment and map it. */
-static ad_status reserve_open(ad_shm *h, uint64_t gen, size_t cap,
-                              const char *dname, double timeout_s, void **out,
-                              ad_err *err)
-{
-    ad_status st;
-    wait_spec w;
-    uint64_t their_cap;
-    int fd;
-    struct stat sb;
-
-    w.kind = W_DATAGEN;
-    w.target = gen;
-    w.only = 0;
-    st = wait_for(h, &w, timeout_s, "reserve", err);
-    if (st != AD_OK)
-        return st;
-    their_cap = atomic_load_explicit(&hdr_of(h)->data_cap,
-                                     memory_order_relaxed);
-    if (atomic_load_explicit(&hdr_of(h)->data_gen, memory_order_relaxed) !=
-            gen || their_cap != (uint64_t)cap)
-        return AD_INVALID(err, "bytes",
-                          "reserve: ranks disagree: rank %d asked for %zu-byte "
-                          "buffers, rank 0 made %llu-byte buffers (every rank "
-                          "must reserve the same sizes in the same order)",
-                          h->rank, cap, (unsigned long long)their_cap);
-    fd = shm_open(dname, O_RDWR, 0);
-    if (fd < 0) {
-        int e = errno;
-        return ad_err_sys(err, e, NULL, "shm_open(\"%s\") failed: %s", dname,
-                          strerror(e));
-    }
-    if (fstat(fd, &sb) != 0 || (size_t)sb.st_size < 2 * cap) {
-        int e = errno;
-        st = ad_err_set(err, AD_EINTERNAL, NULL,
-                        "data segment \"%s\" is %lld bytes, expected %zu "
-                        "(errno %d)", dname, (long long)sb.st_size, 2 * cap, e);
-        goto done;
-    }
-    st = map_data(fd, dname, 2 * cap, out, err);
-done:
-    close(fd);
-    return st;
-}
-
-ad_status ad_shm_reserve(ad_shm *h, size_t bytes, double timeout_s,
-                         ad_err *err)
-{
-    ad_status st;
-    size_t cap;
-    uint64_t gen;
-    void *p = NULL;
-    char dname[AD_SHM_MAX_NAME + 32];
-
-    if ((st = check_handle(h, err)) != AD_OK)
-        return st;
-    if ((st = check_timeout(timeout_s, err)) != AD_OK)
-        return st;
-    /* Fast path, decided alike on every rank (same history, same bytes). */
-    if (bytes <= h->cap)
-        return AD_OK;
-    if (bytes > (SIZE_MAX / 2 - 64) || bytes > (size_t)(INT64_MAX / 4))
-        return ad_err_set(err, AD_ENOMEM, "bytes",
-                          "reserve: %zu bytes per buffer is too large", bytes);
-    cap = (bytes + 63) & ~(size_t)63;
-    gen = h->gen + 1;
-    data_name(h, gen, dname, sizeof dname);
-
-    /* 1. Everyone is here: no rank reads or writes the old buffers. */
-    st = barrier(h, timeout_s, "reserve", err);
-    if (st != AD_OK)
-        goto error;
-
-    /* 2. Rank 0 makes the segment; the others map it. */
-    if (h->rank == 0)
-        st = reserve_create(h, gen, cap, dname, &p, err);
-    else
-        st = reserve_open(h, gen, cap, dname, timeout_s, &p, err);
-    if (st != AD_OK)
-        goto error;
-    if (h->data != NULL)
-        munmap(h->data, h->data_len);
-    h->data = p;
-    h->data_len = 2 * cap;
-    h->cap = cap;
-    h->gen = gen;
-
-    /* 3. Everyone mapped it: the name can go. */
-    st = barrier(h, timeout_s, "reserve", err);
-    if (h->rank == 0)
-        shm_unlink(dname);
-    if (st != AD_OK)
-        goto error;
-    return AD_OK;
-
-error:
-    /* The ranks may now disagree about the buffers: this handle is done
-     * for, and peers waiting on us learn it at once. */
-    if (h->rank == 0)
-        shm_unlink(dname);
-    h->broken = 1;
-    atomic_store_explicit(&slot_of(h, h->rank)->state, SLOT_FAILED,
-                          memory_order_release);
-    return st;
-}
-
-size_t ad_shm_capacity(const ad_shm *h)
-{
-    return h != NULL ? h->cap : 0;
 }
 
 int ad_shm_world(const ad_shm *h)
@@ -866,144 +553,4 @@ int ad_shm_world(const ad_shm *h)
 int ad_shm_rank(const ad_shm *h)
 {
     return h != NULL ? h->rank : -1;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Publish / fetch / ack                                                     */
-/* ------------------------------------------------------------------------ */
-
-static ad_status check_items(const ad_shm *h, const ad_shm_item *items,
-                             size_t n, ad_err *err)
-{
-    size_t i;
-    if (n > 0 && items == NULL)
-        return AD_INVALID(err, "items", "items is NULL but n=%zu", n);
-    for (i = 0; i < n; i++) {
-        const ad_shm_item *it = &items[i];
-        if (it->nbytes == 0)
-            continue;
-        if (it->ptr == NULL)
-            return AD_INVALID(err, "items", "items[%zu].ptr is NULL", i);
-        if (it->offset > h->cap || it->nbytes > h->cap - it->offset)
-            return AD_INVALID(err, "items",
-                              "items[%zu] (offset %zu, %zu bytes) does not fit "
-                              "in the %zu-byte buffer (call reserve first)",
-                              i, it->offset, it->nbytes, h->cap);
-    }
-    return AD_OK;
-}
-
-static unsigned char *buffer_of(const ad_shm *h, uint64_t seq)
-{
-    return h->data + (size_t)(seq & 1u) * h->cap;
-}
-
-ad_status ad_shm_publish(ad_shm *h, uint64_t seq, const ad_shm_item *items,
-                         size_t n, double timeout_s, ad_err *err)
-{
-    ad_status st;
-    unsigned char *buf;
-    size_t i;
-    shm_slot *me;
-
-    if ((st = check_handle(h, err)) != AD_OK)
-        return st;
-    if ((st = check_timeout(timeout_s, err)) != AD_OK)
-        return st;
-    if (seq == 0 || seq == UINT64_MAX)
-        return AD_INVALID(err, "seq", "seq must be >= 1, got %llu",
-                          (unsigned long long)seq);
-    if (seq <= h->last_pub)
-        return AD_INVALID(err, "seq",
-                          "rank %d already published event %llu; events must "
-                          "be published in increasing order (got %llu)",
-                          h->rank, (unsigned long long)h->last_pub,
-                          (unsigned long long)seq);
-    if ((st = check_items(h, items, n, err)) != AD_OK)
-        return st;
-
-    me = slot_of(h, h->rank);
-    /* Publishing seq means we are done with event seq-1 as a reader. */
-    raise_counter(&me->ack, seq - 1);
-
-    /* Buffer seq%2 last held event seq-2: wait until everyone read it. */
-    if (seq >= 3) {
-        wait_spec w;
-        w.kind = W_ACK;
-        w.target = seq - 2;
-        w.only = -1;
-        st = wait_for(h, &w, timeout_s, "publish", err);
-        if (st != AD_OK)
-            return st;
-    }
-
-    /* check_items let a non-empty item through only if cap > 0, i.e. only
-     * if the data segment is mapped. */
-    buf = h->data != NULL ? buffer_of(h, seq) : NULL;
-    for (i = 0; i < n; i++)
-        if (items[i].nbytes > 0)
-            memcpy(buf + items[i].offset, items[i].ptr, items[i].nbytes);
-    atomic_store_explicit(&me->wrote[seq & 1u], seq, memory_order_relaxed);
-    /* Release: a reader that sees published >= seq sees the bytes above. */
-    atomic_store_explicit(&me->published, seq, memory_order_release);
-    h->last_pub = seq;
-    return AD_OK;
-}
-
-ad_status ad_shm_fetch(ad_shm *h, uint64_t seq, int src,
-                       const ad_shm_item *items, size_t n, double timeout_s,
-                       ad_err *err)
-{
-    ad_status st;
-    const unsigned char *buf;
-    size_t i;
-    wait_spec w;
-    uint64_t wrote;
-
-    if ((st = check_handle(h, err)) != AD_OK)
-        return st;
-    if ((st = check_timeout(timeout_s, err)) != AD_OK)
-        return st;
-    if (seq == 0 || seq == UINT64_MAX)
-        return AD_INVALID(err, "seq", "seq must be >= 1, got %llu",
-                          (unsigned long long)seq);
-    if (src < 0 || src >= h->world)
-        return AD_INVALID(err, "src", "src must be in 0..%d, got %d",
-                          h->world - 1, src);
-    if ((st = check_items(h, items, n, err)) != AD_OK)
-        return st;
-
-    w.kind = W_PUBLISHED;
-    w.target = seq;
-    w.only = src;
-    st = wait_for(h, &w, timeout_s, "fetch", err);
-    if (st != AD_OK)
-        return st;
-    /* published >= seq also holds when src skipped seq and went on: the
-     * buffer would then hold older bytes.  src cannot have overwritten seq
-     * with seq+2 yet (that waits for our acknowledgement of seq). */
-    wrote = atomic_load_explicit(&slot_of(h, src)->wrote[seq & 1u],
-                                 memory_order_relaxed);
-    if (wrote != seq)
-        return ad_err_set(err, AD_ESTATE, "seq",
-                          "fetch: rank %d never published event %llu (it "
-                          "went from event %llu to %llu)", src,
-                          (unsigned long long)seq,
-                          (unsigned long long)wrote,
-                          (unsigned long long)atomic_load_explicit(
-                              &slot_of(h, src)->published,
-                              memory_order_relaxed));
-
-    buf = h->data != NULL ? buffer_of(h, seq) : NULL;
-    for (i = 0; i < n; i++)
-        if (items[i].nbytes > 0)
-            memcpy(items[i].ptr, buf + items[i].offset, items[i].nbytes);
-    return AD_OK;
-}
-
-void ad_shm_ack(ad_shm *h, uint64_t seq)
-{
-    if (h == NULL || h->ctl == NULL || !h->attached)
-        return;
-    raise_counter(&slot_of(h, h->rank)->ack, seq);
 }

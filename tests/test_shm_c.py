@@ -1,6 +1,7 @@
 """Build and run the C test program of the shared-memory transport.
 
-csrc/shm.c is plain C (no Python.h), so it links with csrc/tests/test_shm.c
+csrc/shm.c and csrc/shm_data.c are plain C (no Python.h), so they link with
+csrc/tests/test_shm.c
 into a standalone program that forks its own ranks.  The program checks
 byte-for-byte exchange between 2, 3 and 5 processes, timeouts, peers that
 exit, are SIGKILLed or detach, argument checks, and that no segment is left
@@ -18,7 +19,7 @@ import pytest
 
 from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
 
-SOURCES = ["csrc/shm.c", "csrc/tests/test_shm.c"]
+SOURCES = ["csrc/shm.c", "csrc/shm_data.c", "csrc/tests/test_shm.c"]
 LIBS = ["-lm", "-lrt"]  # -lrt: shm_open lives there on glibc < 2.34
 PLAIN_FLAGS = ["-g", "-Werror"]  # on top of setup.py's flags (-O2 among them)
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(),
