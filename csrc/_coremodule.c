@@ -243,44 +243,6 @@ static PyObject *core_nccl_unique_id(PyObject *module, PyObject *Py_UNUSED(ignor
     return PyBytes_FromStringAndSize((const char *)id, AD_NCCL_UNIQUE_ID_BYTES);
 }
 
-PyDoc_STRVAR(nccl_check_exchange_doc,
-"_nccl_check_exchange(world_size, sends, recvs, stream, timeout)\n--\n\n"
-"Internal, for tests: run the argument checks NcclTransport.exchange runs\n"
-"before any GPU call, for a transport of world_size ranks.  Raises what\n"
-"exchange would raise; returns None when the arguments are acceptable.");
-
-static PyObject *core_nccl_check_exchange(PyObject *module, PyObject *args)
-{
-    core_state *st = ad_module_state(module);
-    ad_int_arg world = {"world_size", INT_MIN, INT_MAX, 0};
-    ad_nccl_exchange_args parsed = {0};
-    PyObject *rest = NULL, *result = NULL;
-    ad_err err = {0};
-    ad_status s;
-
-    if (PyTuple_GET_SIZE(args) < 1) {
-        PyErr_SetString(PyExc_TypeError,
-                        "_nccl_check_exchange(world_size, sends, recvs, stream, timeout) "
-                        "takes 5 positional arguments");
-        goto error;
-    }
-    if (!ad_conv_int(PyTuple_GET_ITEM(args, 0), &world))
-        goto error;
-    s = ad_nccl_check_init((int)world.value, 0, 0, 0.0, &err);
-    if (s != AD_OK) {
-        raise_status(st, s, &err);
-        goto error;
-    }
-    rest = PyTuple_GetSlice(args, 1, PyTuple_GET_SIZE(args));
-    if (rest == NULL || ad_nccl_parse_exchange(st, (int)world.value, rest, NULL, &parsed) < 0)
-        goto error;
-    result = Py_NewRef(Py_None);
-error:
-    ad_nccl_exchange_args_clear(&parsed);
-    Py_XDECREF(rest);
-    return result;
-}
-
 static PyMethodDef core_methods[] = {
     {"partition", (PyCFunction)(void (*)(void))core_partition, METH_VARARGS | METH_KEYWORDS,
      partition_doc},
@@ -292,7 +254,6 @@ static PyMethodDef core_methods[] = {
     {"transports", core_transports, METH_NOARGS, transports_doc},
     {"gpu_status", core_gpu_status, METH_NOARGS, gpu_status_doc},
     {"nccl_unique_id", core_nccl_unique_id, METH_NOARGS, nccl_unique_id_doc},
-    {"_nccl_check_exchange", core_nccl_check_exchange, METH_VARARGS, nccl_check_exchange_doc},
     {NULL, NULL, 0, NULL},
 };
 

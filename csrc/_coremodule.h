@@ -190,7 +190,8 @@ void ad_nccl_items_clear(ad_nccl_items_arg *a);
  * (positional only), parsed and checked (ad_nccl_check_items) for a
  * communicator of `world` ranks, as exchange does before it touches the
  * GPU.  Returns 0, or -1 with an exception set; the caller clears the
- * struct either way (ad_nccl_exchange_args_clear).  Defined in _nccl_type.c.
+ * struct either way (ad_nccl_exchange_args_clear).  Defined in _nccl_type.c;
+ * the test-only extension of csrc/tests/nccl_args_module.c calls it too.
  */
 typedef struct {
     ad_nccl_items_arg sends, recvs;

@@ -6,7 +6,10 @@
   ``AsyncDiff(transport="nccl")``, ``open_transport("nccl")``) raises a
   clear error instead of crashing or hanging;
 * the argument checks that run before any GPU call are fuzzed: wrong types,
-  sizes and values give TypeError / ValueError naming the argument;
+  sizes and values give TypeError / ValueError naming the argument (the
+  constructor's on asyncdiff._core itself, exchange's through _nccl_args, a
+  test-only extension built here from csrc/tests/nccl_args_module.c and the
+  binding's own files);
 * the extension was built without CUDA or NCCL headers and does not link
   either library (everything goes through dlopen/dlsym);
 * csrc/gpu.c and csrc/nccl.c run against stand-in CUDA runtime and NCCL
@@ -16,6 +19,7 @@
 
 What only a GPU can check is in tests/test_gpu.py.
 """
+import importlib.util
 import os
 import re
 import shutil
@@ -27,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
+from cbuild import (SANITIZE_ENV, SANITIZE_FLAGS, build, build_extension, compiler, require_sanitizers,
+                    sanitizer_report)
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,6 +42,9 @@ from asyncdiff import AsyncDiff, _core, tiny, transport
 ROOT = Path(__file__).resolve().parent.parent
 LOADER_TEST = ROOT / "csrc" / "tests" / "test_gpu_loader.c"
 GPU_SOURCES = [ROOT / "csrc" / "gpu.c", ROOT / "csrc" / "nccl.c"]
+# the test-only extension: exchange's argument checks, from the binding's own files
+NCCL_ARGS_SOURCES = [ROOT / "csrc" / "tests" / "nccl_args_module.c", ROOT / "csrc" / "_convert.c",
+                     ROOT / "csrc" / "_nccl_type.c", *GPU_SOURCES]
 WERROR = ["-Werror"]  # on top of setup.py's flags
 ARG_ERRORS = (TypeError, ValueError, OverflowError)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -215,11 +223,31 @@ def test_constructor_ranges_fuzz(world, rank, device):
 
 # ------------------------------------------------------ exchange arguments
 
-def check(world, sends, recvs, stream=0, timeout=1.0):
-    return _core._nccl_check_exchange(world, sends, recvs, stream, timeout)
+@pytest.fixture(scope="module")
+def nccl_args(tmp_path_factory):
+    """_nccl_args.check_exchange(world_size, sends, recvs, stream, timeout):
+    what NcclTransport.exchange checks before any GPU call."""
+    out = tmp_path_factory.mktemp("nccl_args")
+    path = build_extension(compiler(), "_nccl_args", NCCL_ARGS_SOURCES, out, extra=WERROR)
+    spec = importlib.util.spec_from_file_location("_nccl_args", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_check_exchange_accepts_good_items():
+@pytest.fixture(scope="module")
+def check(nccl_args):
+    def check(world, sends, recvs, stream=0, timeout=1.0):
+        return nccl_args.check_exchange(world, sends, recvs, stream, timeout)
+    return check
+
+
+def test_test_entry_point_is_not_shipped():
+    assert not hasattr(_core, "_nccl_check_exchange")
+    assert sorted(n for n in dir(_core) if n.startswith("_") and not n.startswith("__")) == []
+
+
+def test_check_exchange_accepts_good_items(check):
     assert check(2, [(1, 4096, 16)], [(1, 8192, 16), (0, 1, 1)]) is None
     assert check(1, [], []) is None
     assert check(1, (), ((0, 1, 1),), stream=2**40, timeout=0) is None
@@ -237,7 +265,7 @@ def test_check_exchange_accepts_good_items():
     ([(2, 8, 8)], ValueError), ([(-1, 8, 8)], ValueError),
     ([(1, 0, 8)], ValueError), ([(1, 8, 0)], ValueError),
 ])
-def test_check_exchange_bad_items(which, items, exc):
+def test_check_exchange_bad_items(check, which, items, exc):
     good = [(1, 64, 64)]
     kwargs = {"sends": good, "recvs": good, which: items}
     raises_naming(exc, which, check, 2, kwargs["sends"], kwargs["recvs"])
@@ -245,18 +273,20 @@ def test_check_exchange_bad_items(which, items, exc):
 
 @pytest.mark.parametrize("stream, exc", [(-1, ValueError), (1.0, TypeError), ("0", TypeError), (None, TypeError),
                                          (True, TypeError), (2**64, ValueError)])
-def test_check_exchange_bad_stream(stream, exc):
+def test_check_exchange_bad_stream(check, stream, exc):
     raises_naming(exc, "stream", check, 2, [], [], stream=stream)
 
 
 @pytest.mark.parametrize("timeout, exc", [(-0.5, ValueError), (float("nan"), ValueError), ("1", TypeError)])
-def test_check_exchange_bad_timeout(timeout, exc):
+def test_check_exchange_bad_timeout(check, timeout, exc):
     raises_naming(exc, "timeout", check, 2, [], [], timeout=timeout)
 
 
-def test_check_exchange_wrong_arity_and_world():
+def test_check_exchange_wrong_arity_and_world(check, nccl_args):
     with pytest.raises(TypeError):
-        _core._nccl_check_exchange(2, [], [], 0)
+        nccl_args.check_exchange(2, [], [], 0)
+    with pytest.raises(TypeError):
+        nccl_args.check_exchange(2, [], [], 0, timeout=1.0)  # positional only, like exchange
     raises_naming(ValueError, "world_size", check, 0, [], [])
     raises_naming(TypeError, "world_size", check, 2.0, [], [])
 
@@ -267,7 +297,7 @@ items = st.lists(st.tuples(st.integers(-3, 5), ints, ints), max_size=6)
 
 @SETTINGS
 @given(world=st.integers(1, 4), sends=items, recvs=items)
-def test_check_exchange_fuzz_matches_reference(world, sends, recvs):
+def test_check_exchange_fuzz_matches_reference(check, world, sends, recvs):
     """The C check agrees with the rule written out in Python."""
     def ok(item):
         peer, ptr, nbytes = item
