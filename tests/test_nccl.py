@@ -13,9 +13,10 @@
 * the extension was built without CUDA or NCCL headers and does not link
   either library (everything goes through dlopen/dlsym);
 * csrc/gpu.c and csrc/nccl.c run against stand-in CUDA runtime and NCCL
-  libraries built from csrc/tests/test_gpu_loader.c: the C test program
-  (plain and under ASan/UBSan), and the Python binding end to end in
-  subprocesses pointed at the stand-ins with ASYNCDIFF_*_LIBRARY.
+  libraries built from csrc/tests/fake_cudart.c and fake_nccl.c: the C test
+  program test_gpu_loader (plain and under ASan/UBSan), and the Python
+  binding end to end in subprocesses pointed at the stand-ins with
+  ASYNCDIFF_*_LIBRARY.
 
 What only a GPU can check is in tests/test_gpu.py.
 """
@@ -40,10 +41,14 @@ from hypothesis import strategies as st
 from asyncdiff import AsyncDiff, _core, tiny, transport
 
 ROOT = Path(__file__).resolve().parent.parent
-LOADER_TEST = ROOT / "csrc" / "tests" / "test_gpu_loader.c"
+TESTS_C = ROOT / "csrc" / "tests"
+FAKE_CUDART = TESTS_C / "fake_cudart.c"
+FAKE_NCCL = TESTS_C / "fake_nccl.c"
+LOADER_TEST = [TESTS_C / name for name in ("test_gpu_loader.c", "test_nccl_transport.c", "gpu_test.c",
+                                            "check.c")]
 GPU_SOURCES = [ROOT / "csrc" / "gpu.c", ROOT / "csrc" / "nccl.c"]
 # the test-only extension: exchange's argument checks, from the binding's own files
-NCCL_ARGS_SOURCES = [ROOT / "csrc" / "tests" / "nccl_args_module.c", ROOT / "csrc" / "_convert.c",
+NCCL_ARGS_SOURCES = [TESTS_C / "nccl_args_module.c", ROOT / "csrc" / "_convert.c",
                      ROOT / "csrc" / "_nccl_type.c", *GPU_SOURCES]
 WERROR = ["-Werror"]  # on top of setup.py's flags
 ARG_ERRORS = (TypeError, ValueError, OverflowError)
@@ -357,10 +362,8 @@ def fakes(tmp_path_factory):
     cc = compiler()
     out = tmp_path_factory.mktemp("fakes")
     cudart, nccl = out / "libfakecudart.so", out / "libfakenccl.so"
-    build(cc, [LOADER_TEST], cudart,
-          extra=[*WERROR, "-DAD_FAKE_CUDART", "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12"])
-    build(cc, [LOADER_TEST], nccl,
-          extra=[*WERROR, "-DAD_FAKE_NCCL", "-shared", "-fPIC", "-Wl,-soname,libnccl.so.2"], libs=["-ldl"])
+    build(cc, [FAKE_CUDART], cudart, extra=[*WERROR, "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12"])
+    build(cc, [FAKE_NCCL], nccl, extra=[*WERROR, "-shared", "-fPIC", "-Wl,-soname,libnccl.so.2"], libs=["-ldl"])
     return cudart, nccl
 
 
@@ -377,7 +380,7 @@ def _run_loader_test(exe, fakes, env=None):
 def test_loader_and_transport_c_program(tmp_path, fakes):
     cc = compiler()
     exe = tmp_path / "test_gpu_loader"
-    build(cc, [LOADER_TEST, *GPU_SOURCES], exe, extra=[*WERROR, "-g"], libs=["-ldl", "-pthread"])
+    build(cc, [*LOADER_TEST, *GPU_SOURCES], exe, extra=[*WERROR, "-g"], libs=["-ldl", "-pthread"])
     _run_loader_test(exe, fakes)
 
 
@@ -385,7 +388,7 @@ def test_loader_and_transport_under_sanitizers(tmp_path, fakes):
     cc = compiler()
     require_sanitizers(cc, tmp_path)
     exe = tmp_path / "test_gpu_loader_asan"
-    build(cc, [LOADER_TEST, *GPU_SOURCES], exe, extra=[*WERROR, *SANITIZE_FLAGS], libs=["-ldl", "-pthread"])
+    build(cc, [*LOADER_TEST, *GPU_SOURCES], exe, extra=[*WERROR, *SANITIZE_FLAGS], libs=["-ldl", "-pthread"])
     ran, report = _run_loader_test(exe, fakes, SANITIZE_ENV)
     assert not sanitizer_report(ran.stderr, ran.stdout), report
 

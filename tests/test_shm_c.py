@@ -1,15 +1,17 @@
 """Build and run the C test program of the shared-memory transport.
 
 csrc/shm.c and csrc/shm_data.c are plain C (no Python.h), so they link with
-csrc/tests/test_shm.c
-into a standalone program that forks its own ranks.  The program checks
-byte-for-byte exchange between 2, 3 and 5 processes, timeouts, peers that
-exit, are SIGKILLed or detach, argument checks, and that no segment is left
-in /dev/shm; it ends with "N passed, M failed".
+the test_shm program of csrc/tests (test_shm.c, test_shm_peers.c,
+test_shm_bench.c, shm_test.c, check.c) into a standalone program that forks
+its own ranks.  The program checks byte-for-byte exchange between 2, 3, 5
+and 16 processes, timeouts, peers that exit, are SIGKILLed or detach,
+argument checks, and that no segment is left in /dev/shm; it ends with
+"N passed, M failed".
 
 Two builds: one under AddressSanitizer + UndefinedBehaviorSanitizer (skipped,
 with the reason, only where the compiler or the host cannot run sanitized
-programs), and a plain -O2 build that also runs the benchmark briefly.
+programs), and a plain build with setup.py's flags that also runs the
+benchmark briefly.
 """
 import os
 import subprocess
@@ -19,7 +21,8 @@ import pytest
 
 from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
 
-SOURCES = ["csrc/shm.c", "csrc/shm_data.c", "csrc/tests/test_shm.c"]
+SOURCES = ["csrc/shm.c", "csrc/shm_data.c", "csrc/tests/test_shm.c", "csrc/tests/test_shm_peers.c",
+           "csrc/tests/test_shm_bench.c", "csrc/tests/shm_test.c", "csrc/tests/check.c"]
 LIBS = ["-lm", "-lrt"]  # -lrt: shm_open lives there on glibc < 2.34
 PLAIN_FLAGS = ["-g", "-Werror"]  # on top of setup.py's flags (-O2 among them)
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(),

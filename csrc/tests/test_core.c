@@ -2,8 +2,8 @@
  * test_core.c -- plain C tests of the core (no Python), built and run under
  * AddressSanitizer + UndefinedBehaviorSanitizer by tests/test_sanitize.py:
  *
- *   gcc -std=c11 -Icsrc csrc/tests/test_core.c csrc/partition.c \
- *       csrc/schedule.c -lm -o test_core && ./test_core
+ *   gcc -std=c11 -Icsrc csrc/tests/test_core.c csrc/tests/check.c \
+ *       csrc/partition.c csrc/schedule.c -lm -o test_core && ./test_core
  *
  * Prints "N passed, M failed" and exits non-zero when something failed.
  */
@@ -13,22 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "partition.h"
 #include "schedule.h"
 #include "status.h"
-
-static int g_passed = 0, g_failed = 0;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (cond) {                                                          \
-            g_passed++;                                                      \
-        } else {                                                             \
-            g_failed++;                                                      \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-        }                                                                    \
-    } while (0)
 
 static int arg_is(const ad_err *e, const char *name)
 {
@@ -56,8 +44,6 @@ static void random_costs(double *c, size_t nb)
             c[i] = (rnd() % 5 == 0) ? 0.0 : (double)(rnd() % 100000) * 1e-3;
     }
 }
-
-/* ---------------------------------------------------------------- brute */
 
 /* Best largest run cost over all ways to cut nb blocks into n runs; run
  * [i, j) costs P[j] - P[i] exactly as in partition.c. */
@@ -277,8 +263,6 @@ static void test_validate_and_summary(void)
     c[1] = NAN;
     CHECK(ad_cost_summary(c, nc, 5, 3, per, &mx, &mean, &e) == AD_EINVAL && arg_is(&e, "costs"));
 }
-
-/* ------------------------------------------------------------- schedule */
 
 static ad_plan plan_of(int n, int s, int w, int ts, long L, int r, long k)
 {
@@ -570,6 +554,5 @@ int main(void)
     test_schedule_receive_and_cached();
     test_schedule_receives();
     test_schedule_receives_errors();
-    printf("%d passed, %d failed\n", g_passed, g_failed);
-    return g_failed == 0 ? 0 : 1;
+    return check_summary();
 }
