@@ -1,5 +1,5 @@
 /*
- * gpu.h -- the CUDA runtime and NCCL, opened at run time.
+ * gpu.h -- the CUDA runtime and NCCL, opened at run time (docs/design.md §5.3).
  *
  * Pure C (no Python.h, no CUDA or NCCL header): the few types and constants
  * we need are declared below with the values the libraries document, so the
@@ -39,9 +39,7 @@
 extern "C" {
 #endif
 
-/* ---------------------------------------------------------------------- */
-/* Types and constants, declared here instead of taken from headers.       */
-/* ---------------------------------------------------------------------- */
+/* Types and constants, declared here instead of taken from headers. */
 
 /* cudaError_t is an enum: an int in the C ABI. */
 typedef int ad_cuda_error;
@@ -122,12 +120,12 @@ typedef struct ad_nccl_config {
 #define AD_NCCL_VERSION_CODE(major, minor, patch) \
     ((major) * 10000 + (minor) * 100 + (patch))
 
-/* ---------------------------------------------------------------------- */
-/* The table: each function we call, once.                                 */
-/*   X(library, required, return type, name, (parameters))                 */
-/* library: CUDART or NCCL.  required: 1 = the library is unusable without */
-/* it; 0 = optional (a newer feature), NULL when absent.                   */
-/* ---------------------------------------------------------------------- */
+/*
+ * The table: each function we call, once.
+ *   X(library, required, return type, name, (parameters))
+ * library: CUDART or NCCL.  required: 1 = the library is unusable without
+ * it; 0 = optional (a newer feature), NULL when absent.
+ */
 
 #define AD_GPU_FUNCTIONS(X)                                                        \
     X(CUDART, 1, ad_cuda_error, cudaGetDeviceCount, (int *count))                  \
@@ -196,10 +194,10 @@ const char *ad_gpu_describe(char *buf, size_t n);
 /* NCCL's version code as "2.21.5" into buf. */
 const char *ad_nccl_version_string(int code, char *buf, size_t n);
 
-/* ---------------------------------------------------------------------- */
-/* Check helpers.  They record "file:line: call: <library message>" in     */
-/* err and return AD_EEXTERNAL (AD_OK when the call succeeded).            */
-/* ---------------------------------------------------------------------- */
+/*
+ * Check helpers.  They record "file:line: call: <library message>" in
+ * err and return AD_EEXTERNAL (AD_OK when the call succeeded).
+ */
 
 ad_status ad_cuda_status(const ad_gpu_api *api, ad_cuda_error code, const char *call,
                          const char *file, int line, ad_err *err);

@@ -31,10 +31,6 @@ struct ad_nccl {
     double timeout_s; /* the init timeout; bounds a graceful destroy */
 };
 
-/* ------------------------------------------------------------------------ */
-/* Time and polling                                                         */
-/* ------------------------------------------------------------------------ */
-
 static double now_s(void)
 {
     struct timespec ts;
@@ -61,10 +57,6 @@ static int valid_timeout(double timeout_s)
 {
     return isfinite(timeout_s) && timeout_s >= 0.0;
 }
-
-/* ------------------------------------------------------------------------ */
-/* Argument checks (no library needed)                                      */
-/* ------------------------------------------------------------------------ */
 
 ad_status ad_nccl_check_init(int world, int rank, int device, double timeout_s, ad_err *err)
 {
@@ -122,10 +114,6 @@ ad_status ad_nccl_check_items(int world, const ad_nccl_send *sends, size_t ns,
     }
     return AD_OK;
 }
-
-/* ------------------------------------------------------------------------ */
-/* Helpers on a handle                                                      */
-/* ------------------------------------------------------------------------ */
 
 /* Make the handle's device current; *saved receives the caller's device
  * (-1 when it could not be read, and then nothing is changed). */
@@ -248,10 +236,6 @@ static void release(ad_nccl *h)
         (void)h->api->cudaStreamDestroy(h->stream);
     free(h);
 }
-
-/* ------------------------------------------------------------------------ */
-/* Public functions                                                         */
-/* ------------------------------------------------------------------------ */
 
 ad_status ad_nccl_unique_id(unsigned char id[AD_NCCL_UNIQUE_ID_BYTES], ad_err *err)
 {

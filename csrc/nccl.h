@@ -1,5 +1,6 @@
 /*
- * nccl.h -- the NCCL transport: point-to-point exchanges between GPU ranks.
+ * nccl.h -- the NCCL transport: point-to-point exchanges between GPU ranks
+ * (docs/design.md §5.2).
  *
  * Pure C (no Python.h).  The libraries are opened at run time (gpu.h); this
  * file builds and drives one communicator per rank:

@@ -1,5 +1,6 @@
 /*
- * partition.h -- splitting a denoiser's blocks into components.
+ * partition.h -- splitting a denoiser's blocks into components
+ * (docs/design.md §2).
  *
  * Pure C (no Python.h).  Every function returns an ad_status and fills the
  * caller's ad_err on failure (see status.h).

@@ -1,5 +1,6 @@
 /*
- * shm.h -- shared-memory transport between the ranks of one host.
+ * shm.h -- shared-memory transport between the ranks of one host
+ * (docs/design.md §5.1).
  *
  * Pure C (no Python.h).  W processes ("ranks", 1..AD_SHM_MAX_WORLD) share
  *

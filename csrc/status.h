@@ -1,6 +1,7 @@
 /*
  * status.h -- status codes and the error record shared by every part of the
- * asyncdiff C core (partitioner, schedule, transports).
+ * asyncdiff C core (partitioner, schedule, transports); how errors and
+ * timeouts reach the user is docs/design.md §8.
  *
  * Rules for C code in csrc/ other than the binding:
  *   - never include Python.h;

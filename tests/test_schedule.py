@@ -114,7 +114,7 @@ def test_against_reference_for_every_rank_and_call():
 # --------------------------------------------------------------------------
 
 def simulate(N, S, W, ts, L):
-    """Run the plans of all ranks symbolically; assert the spec's promises.
+    """Run the plans of all ranks symbolically; assert the design's promises.
 
     A cached block output is a tuple (component, call, timestep_index, rank)
     telling who produced it when.  Components stand for their blocks.
