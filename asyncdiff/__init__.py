@@ -7,7 +7,9 @@ at the same time after ``warm_up`` steps.  Launched with
 without torchrun one process plays every rank in turn (emulation).
 """
 
+from ._core import AsyncDiffError
+from ._version import __version__
 from .attach import AsyncDiff
+from .config import AsyncDiffConfig
 
-__all__ = ["AsyncDiff"]
-__version__ = "0.1.0"
+__all__ = ["AsyncDiff", "AsyncDiffConfig", "AsyncDiffError", "__version__"]

@@ -5,14 +5,19 @@ The ranks meet through the torchrun environment (``RANK``, ``WORLD_SIZE``,
 store is, in order of preference: the store of a process group the user has
 already initialised, the store torchrun's agent hosts
 (``TORCHELASTIC_USE_AGENT_STORE``), or a ``TCPStore`` that rank 0 hosts.
-The user never has to call ``init_process_group``.
+The user never has to call ``init_process_group``.  This module is also the
+one place that picks a rank's device (``rank_device``) and that compares what
+the ranks were given (``agree``).  See docs/design.md §7.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -61,3 +66,56 @@ def store(rv: Rendezvous, prefix: str, timeout: float):
     s = dist.PrefixStore(prefix, base)
     s.set_timeout(wait)
     return s
+
+
+def rank_if_launched(config) -> int | None:
+    """This process's rank when it is one of a torchrun launch that AsyncDiff
+    should join, None for emulation.  A launch of the wrong size is refused."""
+    env_world = os.environ.get("WORLD_SIZE")
+    if config.transport == "emulate" or (config.transport == "auto" and env_world is None):
+        return None
+    if env_world is None:
+        raise ValueError(f"transport: {config.transport!r} needs a torchrun launch (WORLD_SIZE, RANK are not set)")
+    rv = from_env()
+    if rv.world_size != config.world_size:
+        raise ValueError(
+            f"world size: torchrun started {rv.world_size} processes but model_n + stride - 1 = "
+            f"{config.model_n} + {config.stride} - 1 = {config.world_size}; launch with "
+            f"--nproc_per_node={config.world_size}"
+        )
+    return rv.rank
+
+
+def rank_device() -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+    return torch.device("cpu")
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's first parameter or buffer lives (the CPU for none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def gather(store, key: str, rank: int, world: int, value) -> list:
+    """Every rank's ``value`` (JSON), in rank order, through the store."""
+    store.set(f"{key}/{rank}", json.dumps(value))
+    return [json.loads(store.get(f"{key}/{r}")) for r in range(world)]
+
+
+def agree(store, rank: int, world: int, facts: dict) -> None:
+    """Raise, on every rank alike, when the ranks were not given the same
+    ``facts``: a ValueError naming the first entry that differs and the values
+    of rank 0 and of the first rank that differs."""
+    every = gather(store, "facts", rank, world, facts)
+    for name in every[0]:
+        for r in range(1, world):
+            if every[r].get(name) != every[0][name]:
+                raise ValueError(f"{name}: the ranks disagree: rank 0 has {every[0][name]!r}, "
+                                 f"rank {r} has {every[r].get(name)!r}; every rank must run the same "
+                                 "script with the same arguments")

@@ -19,7 +19,7 @@ from . import _core
 from .arch import Layout
 from .probe import probe
 
-# The original AsyncDiff splits (SPEC section 4), keyed by (family, model_n).
+# The original AsyncDiff splits (docs/design.md §2), keyed by (family, model_n).
 # The x4-upscaler N=2 entry reads `u1.us` where the original wrote `u0.us`.
 PRESETS: dict[tuple[str, int], str] = {
     ("sd2", 2): "conv_in d0-3 mid u0 u1.r0 u1.a0 u1.r1 u1.a1 u1.r2 | u1.a2 u1.us u2 u3 conv_norm_out conv_out",
@@ -165,6 +165,16 @@ def auto(layout: Layout, n: int, order: list[str], costs: list[float]) -> Split:
     split = validate(layout, comps, n, "auto")
     split.costs = dict(zip(order, costs))
     return split
+
+
+def component_costs(layout: Layout, split: Split, order: list[str], costs: list[float]) -> list[float]:
+    """Each component's cost, for fine-unit costs in execution order (the C
+    core's ``cost_summary``, the sums the partitioner minimises)."""
+    owner = split.owner
+    assign = np.fromiter((owner[u] if u in owner else owner[layout.parent(u)] for u in order), dtype=np.int32,
+                         count=len(order))
+    per, _, _ = _core.cost_summary(np.asarray(costs, dtype=np.float64), assign, len(split.components))
+    return [float(c) for c in per]
 
 
 def resolve_static(layout: Layout, n: int, split) -> Split | None:

@@ -10,13 +10,17 @@ with classifier-free guidance batched in (``batch=2``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from asyncdiff import _core, splits
 from asyncdiff import arch as _arch
-from asyncdiff import splits, traffic, tiny
+from asyncdiff.config import AsyncDiffConfig
+from asyncdiff.exchange import ExchangePlan, Slots
 from asyncdiff.outputs import flatten
+from asyncdiff.testing import tiny
 
 # arch -> default image side in pixels (SVD: height; its width is fixed below)
 DEFAULT_PX = {"sd15": 512, "sd21": 768, "sdxl": 1024, "svd": 576, "upscaler": 512, "sd3": 1024}
@@ -145,77 +149,53 @@ def _float32(obj):
     return obj
 
 
-def needs(c: Case, split: splits.Split, n: int, stride: int = 1) -> tuple[dict, bool]:
-    """(``traffic.needs`` for this case, whether the library fell back on these inputs).
+def exchange_plan(c: Case, split: splits.Split, n: int, stride: int = 1) -> tuple[ExchangePlan, bool]:
+    """(the library's exchange plan for this case, whether it fell back on these inputs).
 
-    ``traffic.needs`` answers "everything" when its trace cannot run.  When
-    that happens here, the trace is retried in float32 on the meta device
+    ``ExchangePlan.trace`` answers "everything" when its trace cannot run.
+    When that happens here, the trace is retried in float32 on the meta device
     (the dependencies do not depend on the dtype) and the second answer is
     returned with ``fell_back=True``, so that a table can show both what the
     design moves and that the library did not get there on these inputs."""
-    world = n + stride - 1
-    got = traffic.needs(c.layout, c.model, c.args, c.kwargs, split, n, stride)
-    everything = traffic.everything_else(split, world, n)
-    if got != everything:
-        return got, False
-    model32 = build(c.arch, "meta", torch.float32)
-    again = traffic.needs(c.layout, model32, _float32(c.args), _float32(c.kwargs), split, n, stride)
-    return again, again != got
+    config = AsyncDiffConfig(n, stride, 1, False, split=str(split))
+    everything = ExchangePlan.everything(split, config.world_size, n).receives
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = ExchangePlan.trace(config, c.layout, split, c.model, c.args, c.kwargs)
+        if got.receives != everything:
+            return got, False
+        model32 = build(c.arch, "meta", torch.float32)
+        again = ExchangePlan.trace(config, c.layout, split, model32, _float32(c.args), _float32(c.kwargs))
+    return again, again.receives != got.receives
 
 
 def exchange(c: Case, split: splits.Split, n: int, stride: int = 1) -> dict:
-    """What one async event moves with AsyncDiff's exchange (attach.py) for this split.
+    """What one asynchronous event moves for this split, with the library's exchange plan.
 
     Returns ``units`` {unit: [(shape, dtype)]}, ``result`` [(shape, dtype)],
-    ``needs`` {rank: [units]}, ``fell_back`` (see :func:`needs`),
-    ``everything`` {rank: [units]} (the conservative fallback), ``world``."""
+    ``plan`` (the ``ExchangePlan``), ``needs`` {rank: units it receives},
+    ``fell_back`` (see :func:`exchange_plan`), ``everything`` {rank: units}
+    (the conservative fallback), ``world``, ``stride``."""
     world = n + stride - 1
     units, result = output_shapes(c, list(split.owner))
-    got, fell_back = needs(c, split, n, stride)
-    return {"units": units, "result": result, "needs": got, "fell_back": fell_back,
-            "everything": traffic.everything_else(split, world, n), "world": world}
+    plan, fell_back = exchange_plan(c, split, n, stride)
+    return {"units": units, "result": result, "plan": plan, "needs": plan.receives, "fell_back": fell_back,
+            "everything": ExchangePlan.everything(split, world, n).receives, "world": world, "stride": stride,
+            "n": n}
 
 
-ALIGN = 64
+def slot_plan(ex: dict) -> dict:
+    """Byte slots and per-rank sends/receives of one stride-1 asynchronous event
+    (a call k >= warm_up that is not the last), as the rank step lays them out.
 
-
-def slot_plan(ex: dict, split: splits.Split, final: str) -> dict:
-    """Byte offsets and per-rank sends/recvs of one stride-1 async event, as attach.py lays them out.
-
-    Every unit's tensors and the result get their own 64-byte aligned slot;
-    owners send each unit to the ranks that need it, the result rank (owner
-    of the final unit) sends the result to everyone else.
-    ``final`` is the layout's final unit.  Returns
-    ``{"bytes": total slot bytes, "ranks": {rank: {"sends": [(dsts, off, nbytes, tag)],
-    "recvs": [(src, off, nbytes, tag)]}}}``."""
-    world, owner = ex["world"], split.owner
-    offset, slots = 0, {}
-    entries = [(u, ex["units"][u]) for u in sorted(ex["units"])] + [("<result>", ex["result"])]
-    tag = 0
-    for name, shapes in entries:
-        lst = []
-        for shape, dt in shapes:
-            nb = size_of([(shape, dt)])
-            lst.append((offset, nb, tag))
-            tag += 1
-            offset += (nb + ALIGN - 1) // ALIGN * ALIGN
-        slots[name] = lst
-    readers = {u: sorted(r for r, us in ex["needs"].items() if u in us) for u in ex["units"]}
-    final_rank = owner[final]  # the layout's final unit: its owner sends the result
-    ranks = {r: {"sends": [], "recvs": []} for r in range(world)}
-    for u, rs in readers.items():
-        for off, nb, tg in slots[u]:
-            if rs:
-                ranks[owner[u]]["sends"].append((rs, off, nb, tg))
-            for r in rs:
-                ranks[r]["recvs"].append((owner[u], off, nb, tg))
-    off, nb, tg = slots["<result>"][0]
-    others = [r for r in range(world) if r != final_rank]
-    ranks[final_rank]["sends"].append((others, off, nb, tg))
-    for r in others:
-        ranks[r]["recvs"].append((final_rank, off, nb, tg))
-    for r in ranks.values():
-        r["sends"].sort(key=lambda s: s[1])
-        r["recvs"].sort(key=lambda s: s[1])
-    return {"bytes": max(offset, ALIGN), "ranks": ranks}
-
+    Returns ``{"bytes": total slot bytes, "ranks": {rank: {"sends": [(dsts, off, nbytes, tag)],
+    "recvs": [(src, off, nbytes, tag)]}}}``; ``tag`` numbers the slots."""
+    slots = Slots(ex["units"], ex["result"][0])
+    schedule = _core.Schedule(ex["n"], ex["stride"], 1, 0, 3)
+    tags = {off: i for i, off in enumerate(sorted(off for entries in slots.of.values() for off, _ in entries))}
+    ranks = {}
+    for r in range(ex["world"]):
+        sends, recvs = ex["plan"].event(r, schedule.plan(r, 1), slots)
+        ranks[r] = {"sends": sorted(([*m.peers], m.offset, m.nbytes, tags[m.offset]) for m in sends),
+                    "recvs": sorted((m.peers[0], m.offset, m.nbytes, tags[m.offset]) for m in recvs)}
+    return {"bytes": slots.nbytes, "ranks": ranks}

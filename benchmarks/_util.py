@@ -21,9 +21,7 @@ import math
 import os
 import platform
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -195,12 +193,6 @@ def int_list(text: str) -> list[int]:
 
 
 # --------------------------------------------------------------- launching
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def is_rank() -> bool:
     """True inside a process started by :func:`launch`."""
     return OUT_ENV in os.environ
@@ -219,82 +211,36 @@ class LaunchError(RuntimeError):
     pass
 
 
-def launch(script, args: list[str], world: int, threads: int = 1, timeout: float = 1800.0,
+def launch(script, args: list[str], world: int, threads: int = 1, silence: float = 1800.0,
            torchrun_env: bool = True, extra_env: dict | None = None) -> list:
     """Run ``python script *args`` as ``world`` processes; return their results.
 
     With ``torchrun_env`` each process gets the variables torchrun would set
-    (one host, ``LOCAL_WORLD_SIZE == WORLD_SIZE``); without it (a plain
-    single-process run) none of them.  Every process runs with ``threads``
-    OpenMP/torch threads.  Each must call :func:`rank_result` once; the
-    results come back in rank order.  A failing or silent rank raises
-    :class:`LaunchError` with the tail of every rank's log."""
-    if not torchrun_env and world != 1:
-        raise ValueError("launch: a run without the torchrun environment has one process")
+    (``asyncdiff.testing.ranks``: one host, ``LOCAL_WORLD_SIZE == WORLD_SIZE``);
+    without it (a plain single-process run) none of them.  Every process runs
+    with ``threads`` OpenMP/torch threads.  Each must call :func:`rank_result`
+    once; the results come back in rank order.  A failing rank, or a launch
+    silent for ``silence`` seconds, raises :class:`LaunchError` with the tail
+    of every rank's log."""
+    from asyncdiff.testing import ranks
+
     outdir = Path(tempfile.mkdtemp(prefix="asyncdiff-bench-"))
-    port = free_port()
-    base = dict(os.environ)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "GROUP_RANK"):
-        base.pop(name, None)
-    base.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-                **{OUT_ENV: str(outdir), "ASYNCDIFF_BENCH_THREADS": str(threads)})
-    base.update(extra_env or {})
-    procs = []
+    env = {OUT_ENV: str(outdir), "ASYNCDIFF_BENCH_THREADS": str(threads), **(extra_env or {})}
     try:
-        for rank in range(world):
-            env = dict(base)
-            if torchrun_env:
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            log = open(outdir / f"rank{rank}.log", "w+", encoding="utf-8")
-            proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, cwd=str(ROOT),
-                                    stdout=log, stderr=subprocess.STDOUT)
-            procs.append((proc, log))
-        deadline = time.monotonic() + timeout
-        timed_out = False
-        for proc, _log in procs:
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-        if timed_out:
-            for proc, _log in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        done = ranks.run([script, *args], world, threads=threads, silence=silence, env=env, cwd=ROOT,
+                         torchrun=torchrun_env)
         results, problems = [], []
-        for rank, (proc, log) in enumerate(procs):
-            path = outdir / f"rank{rank}.json"
-            if proc.returncode != 0 or not path.is_file():
-                log.seek(0)
-                tail = log.read()[-3000:]
-                why = "timed out" if timed_out and proc.returncode in (None, -9) else f"exit code {proc.returncode}"
-                problems.append(f"--- rank {rank} ({why}) ---\n{tail}")
+        for r in done:
+            path = outdir / f"rank{r.rank}.json"
+            if r.returncode != 0 or not path.is_file():
+                why = "no progress, stopped" if r.returncode is None else f"exit code {r.returncode}"
+                problems.append(f"--- rank {r.rank} ({why}) ---\n{r.output[-3000:]}")
             else:
                 results.append(json.loads(path.read_text()))
         if problems:
             raise LaunchError(f"{Path(script).name} with {world} process(es) failed:\n" + "\n".join(problems))
         return results
     finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
         for f in outdir.iterdir():
             f.unlink()
         outdir.rmdir()
-
-
-# ---------------------------------------------------------------- metrics
-def psnr(a, b, peak: float = 1.0):
-    """Per-image PSNR (dB) between two batches of images in [0, peak]; inf where equal."""
-    import torch
-
-    a = torch.as_tensor(a).double()
-    b = torch.as_tensor(b).double()
-    mse = (a - b).pow(2).reshape(len(a), -1).mean(1)
-    out = 10 * torch.log10(peak * peak / mse)
-    return torch.where(mse == 0, torch.full_like(out, float("inf")), out)

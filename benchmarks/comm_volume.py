@@ -4,12 +4,12 @@ For SD 1.5 (512x512), SD 2.1 (768x768) and SDXL (1024x1024), float16,
 batch 2 (classifier-free guidance), stride 1, the paper preset for each N:
 
 * ours = for every rank, the outputs of the units it receives per
-  ``traffic.needs`` (the units whose outputs reach the blocks it computes),
+  ``ExchangePlan.receives`` (``asyncdiff/exchange.py``: the units whose outputs reach the blocks it computes),
   plus the denoiser output sent by the last rank to every other rank;
 * original = every unit's output broadcast to every other rank
   (sum of all unit outputs x (world - 1)), as the original code does;
-* fallback = what ``attach.py`` moves when ``traffic.needs`` cannot trace
-  the model (``traffic.everything_else``: every unit a rank does not own,
+* fallback = what the rank step moves when the exchange plan cannot trace
+  the model (``ExchangePlan.everything``: every unit a rank does not own,
   plus the result).
 
 Everything runs on the meta device: the real-size UNet and its inputs have
@@ -82,7 +82,7 @@ def main(argv=None):
     for note in notes:
         print(f"- {note}")
     if any(r[-1] != "yes" for r in rows):
-        print("\nfp16 trace ok = NO: `traffic.needs` could not trace the model on these fp16 inputs and would "
+        print("\nfp16 trace ok = NO: the exchange plan could not trace the model on these fp16 inputs and would "
               "send the fallback volume; the 'ours' columns use its answer for the same inputs in float32 "
               "(dependencies do not depend on the dtype).")
     return 0

@@ -11,11 +11,11 @@ Models:
 
 * ``sd15``: a StableDiffusionPipeline whose UNet has the real SD 1.5
   configuration (full channel width, random weights from ``torch.manual_seed``),
-  with the tiny text encoder/VAE of ``asyncdiff.tiny`` (unused: the prompt
+  with the tiny text encoder/VAE of ``asyncdiff.testing.tiny`` (unused: the prompt
   embeddings are given directly, and ``output_type="latent"`` skips the VAE),
   at a reduced resolution (``--latent``, 16 -> 128x128 px), classifier-free
   guidance on (batch 2 per UNet call);
-* ``digits``: the trained digits model (``asyncdiff.digits``), skipped with a
+* ``digits``: the trained digits model (``asyncdiff.demo.digits``), skipped with a
   note when it is not available.
 
 Time = wall time of the whole pipeline call after untimed warm-up call(s),
@@ -65,7 +65,7 @@ def build(model: str, args):
     if model == "sd15":
         from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-        from asyncdiff import tiny
+        from asyncdiff.testing import tiny
 
         small = tiny.build_pipeline("sd15", seed=args.seed)
         cfg = tiny.real_config("sd15") if args.unet == "real" else tiny.tiny_config("sd15")
@@ -90,7 +90,7 @@ def build(model: str, args):
 
         return pipe, call
     if model == "digits":
-        from asyncdiff import digits
+        from asyncdiff.demo import digits
 
         pipe = digits.load_pipeline(weights=args.weights)
         pipe.set_progress_bar_config(disable=True)
@@ -143,16 +143,16 @@ def available(model: str, args) -> str | None:
     if model != "digits":
         return None
     try:
-        from asyncdiff import digits
+        from asyncdiff.demo import digits
     except ImportError as exc:
-        return f"asyncdiff.digits is missing ({exc})"
+        return f"asyncdiff.demo.digits is missing ({exc})"
     try:
         root = Path(args.weights) if args.weights else digits.WEIGHTS
         for part in (digits.UNET_DIR, digits.SCHEDULER_DIR):
             if not (root / part).is_dir():
                 return f"no digits weights in {root} (train them with examples/train_digits.py)"
     except AttributeError as exc:
-        return f"asyncdiff.digits has no {exc.name}"
+        return f"asyncdiff.demo.digits has no {exc.name}"
     return None
 
 
@@ -160,7 +160,7 @@ def run_config(model: str, mode: str, procs: int, threads: int, args) -> dict:
     job = json.dumps({"model": model, "mode": mode, "threads": threads})
     argv = [a for a in sys.argv[1:]]
     results = _util.launch(Path(__file__).resolve(), argv + ["--job", job], world=procs, threads=threads,
-                           timeout=args.timeout, torchrun_env=(mode == "asyncdiff"))
+                           silence=args.timeout, torchrun_env=(mode == "asyncdiff"))
     walls = [max(r["spans"][i][1] for r in results) - min(r["spans"][i][0] for r in results)
              for i in range(args.repeat)]
     import torch

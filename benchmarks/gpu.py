@@ -11,7 +11,7 @@ random weights from the real configs, batch 2 (classifier-free guidance):
 2. for N = 2, 3, 4 and three splits (the paper preset, ``splits.auto`` on
    counted FLOPs, ``splits.auto`` on the measured unit times): component time
    = sum of its units + glue; exchange = the bytes each rank receives per
-   ``traffic.needs`` plus the result (shapes from the meta device);
+   the exchange plan's receives (``asyncdiff/exchange.py``) plus the result (shapes from the meta device);
 3. implied time of one async step = largest component + busiest rank's
    received bytes / ``--bandwidth``; implied speed-up = whole forward / that.
 

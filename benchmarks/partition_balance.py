@@ -39,13 +39,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def component_costs(split, fine_cost: dict, layout) -> list[float]:
-    out = []
-    for comp in split.components:
-        out.append(sum(sum(fine_cost[p] for p in (layout.subs.get(u) or [u])) for u in comp))
-    return out
-
-
 def whole_forward_flops(c) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -74,7 +67,6 @@ def main(argv=None):
     for arch in archs:
         c = _models.case(arch, batch=args.batch, frames=args.svd_frames)
         order, costs = splits.count_costs(c.layout, c.model, c.args, c.kwargs)
-        fine_cost = dict(zip(order, costs))
         total = sum(costs)
         forward = whole_forward_flops(c)
         glue = max(forward - total, 0.0)
@@ -84,11 +76,11 @@ def main(argv=None):
             if n > len(order):
                 break
             auto = splits.auto(c.layout, n, order, costs)
-            a = component_costs(auto, fine_cost, c.layout)
+            a = splits.component_costs(c.layout, auto, order, costs)
             row = [_models.NAMES[arch], n]
             text = splits.preset(c.layout, n)
             if text:
-                p = component_costs(splits.resolve_static(c.layout, n, "paper"), fine_cost, c.layout)
+                p = splits.component_costs(c.layout, splits.resolve_static(c.layout, n, "paper"), order, costs)
                 row += [max(p) / (sum(p) / n), total / max(p)]
             else:
                 row += [None, None]

@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util  # noqa: E402
 
+from asyncdiff.demo import digits  # noqa: E402
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,14 +43,7 @@ def parse_args(argv=None):
 
 
 def load(args):
-    """(pipeline, classifier) or exit with a message saying what is missing."""
-    try:
-        from asyncdiff import digits
-    except ImportError as exc:
-        raise SystemExit(f"quality.py needs the trained digits model, but asyncdiff.digits is missing ({exc}).")
-    for name in ("load_pipeline", "classifier"):
-        if not hasattr(digits, name):
-            raise SystemExit(f"quality.py needs asyncdiff.digits.{name}(), which does not exist yet.")
+    """(pipeline, classifier), or exit saying which weights are missing."""
     try:
         pipe = digits.load_pipeline(weights=args.weights)
         clf = digits.classifier(weights=args.weights)
@@ -103,7 +98,7 @@ def main(argv=None):
                     splits_used[n] = str(ad.split)
                 finally:
                     ad.remove()
-                p = _util.psnr(out, ref)
+                p = digits.psnr(out, ref, per_image=True)
                 acc = float((clf.classify(out) == y).float().mean())
                 note = "W >= steps: sequential" if w >= args.steps else ""
                 rows.append([f"AsyncDiff {note}".strip(), n, s, w, n + s - 1, float(p.mean()), float(p.min()),

@@ -8,7 +8,7 @@ alternating, after a barrier (so every event starts with all ranks ready):
 * ``SD 1.5 N=k``: the exchange at the end of one asynchronous step (stride
   1) of SD 1.5 at 512x512 in float16 with batch 2 (classifier-free guidance),
   paper preset, k processes: every owner sends each unit output that other
-  ranks read (``traffic.needs``) and the last rank sends the result to
+  ranks read (the exchange plan, ``asyncdiff/exchange.py``) and the last rank sends the result to
   everyone.  Shapes come from a forward of the real-size UNet on the meta
   device; slots are laid out as ``attach.py`` lays them out.
 
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", default="64K,1M,16M,64M", help="plain buffer sizes (K/M/G = 2^10/2^20/2^30)")
     ap.add_argument("--worlds", default="2,3", help="process counts for the plain sends")
     ap.add_argument("--patterns", default="2,3", help="model_n values of the SD 1.5 exchange ('' for none)")
-    ap.add_argument("--arch", default="sd15", help="architecture of the exchange pattern (asyncdiff.tiny name)")
+    ap.add_argument("--arch", default="sd15", help="architecture of the exchange pattern (asyncdiff.testing.tiny name)")
     ap.add_argument("--px", type=int, default=512, help="image side of the exchange pattern")
     ap.add_argument("--iters", type=int, default=20, help="timed events per case and transport")
     ap.add_argument("--warmup", type=int, default=3, help="untimed events per case and transport")
@@ -62,13 +62,15 @@ def worker(args):
     import torch
     import torch.distributed as dist
 
+    from asyncdiff import launch
     from asyncdiff.transport import ShmTransport
 
     _util.set_threads(1)
     job = json.loads(Path(args.job).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
-    shm = ShmTransport(rank, world, 0, args.timeout)  # rendezvous through the process group's store
+    store = launch.store(launch.from_env(), "bench/", args.timeout)  # the process group's store
+    shm = ShmTransport(rank, world, args.timeout, store)
     shm.reserve(max(c["bytes"] for c in job["cases"]))
     seq = 0
     results = {}
@@ -133,13 +135,13 @@ def pattern_case(arch: str, n: int, px: int) -> dict:
     c = _models.case(arch, px=px)
     split = _models.split_of(c, n, "paper")
     ex = _models.exchange(c, split, n)
-    plan = _models.slot_plan(ex, split, c.layout.final)
+    plan = _models.slot_plan(ex)
     received = {r: sorted(set(ex["needs"][r])) for r in range(n)}
     detail = f"{arch} N={n}: " + "; ".join(
         f"rank {r} receives {' '.join(u) or 'no unit'}" for r, u in received.items())
     detail += f"; rank {split.owner[c.layout.final]} sends the result to the others"
     if ex["fell_back"]:
-        detail += (" (traffic.needs fell back to 'everything' on the fp16 meta inputs; these are its answer "
+        detail += (" (the exchange plan fell back to 'everything' on the fp16 meta inputs; these are its answer "
                    "for the same inputs in fp32)")
     return {"name": f"{arch} N={n}", "kind": "pattern", "world": n, "detail": detail,
             "label": f"{_models.NAMES.get(arch, arch)} {px}px fp16 async step, N={n}", "bytes": plan["bytes"],
@@ -183,7 +185,7 @@ def main(argv=None):
             job = fh.name
         try:
             results = _util.launch(Path(__file__).resolve(), [*sys.argv[1:], "--job", job], world=world,
-                                   threads=1, timeout=args.timeout)
+                                   threads=1, silence=args.timeout)
         finally:
             Path(job).unlink()
         for c in group:

@@ -11,31 +11,31 @@ AnimateDiff-shaped pipeline (random weights) makes 3 frames, offline on a
 CPU.  Rank 0 saves the frames as a GIF (default out/animatediff.gif).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny="animatediff", warm_up=2, steps=50, guidance=7.5, frames=True,
+    p = harness.parser(__doc__, tiny="animatediff", warm_up=2, steps=50, guidance=7.5, frames=True,
                    prompt="Brilliant fireworks, high quality",
                    negative_prompt="bad quality, worse quality, low resolution")
     p.add_argument("--motion_adapter", default=None, metavar="DIR",
                    help="local MotionAdapter folder (needed with --model)")
-    args = cli.parse(p, argv)
+    args = harness.parse(p, argv)
     if args.model is None:
-        pipe = cli.load(args, "AnimateDiffPipeline")
+        pipe = harness.load(args, "AnimateDiffPipeline")
     else:
         if args.motion_adapter is None:
             p.error("--motion_adapter is required with --model")
         from diffusers import DDIMScheduler
 
-        adapter = cli.load_component(args, "MotionAdapter", args.motion_adapter)
-        pipe = cli.load(args, "AnimateDiffPipeline", motion_adapter=adapter)
+        adapter = harness.load_component(args, "MotionAdapter", args.motion_adapter)
+        pipe = harness.load(args, "AnimateDiffPipeline", motion_adapter=adapter)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, beta_schedule="linear",
                                                    timestep_spacing="linspace", clip_sample=False, steps_offset=1)
-    kwargs = cli.call_kwargs(args)
+    kwargs = harness.call_kwargs(args)
     if args.model is not None:
         kwargs.setdefault("num_frames", 16)
-    return cli.run(pipe, kwargs, args)
+    return harness.run(pipe, kwargs, args)
 
 
 if __name__ == "__main__":

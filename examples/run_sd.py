@@ -9,15 +9,15 @@ Without --model a tiny built-in SD 1.5-shaped pipeline (random weights;
 diffusers folder.  Rank 0 saves the image (default out/sd.png).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny=("sd15", "sd21"), out="sd", warm_up=9, steps=50,
+    p = harness.parser(__doc__, tiny=("sd15", "sd21"), out="sd", warm_up=9, steps=50,
                    prompt="A kitten that is sitting down by a door", guidance=7.5)
-    args = cli.parse(p, argv)
-    pipe = cli.load(args, "StableDiffusionPipeline")
-    return cli.run(pipe, cli.call_kwargs(args), args)
+    args = harness.parse(p, argv)
+    pipe = harness.load(args, "StableDiffusionPipeline")
+    return harness.run(pipe, harness.call_kwargs(args), args)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ The transformer's joint blocks are split into model_n equal runs.  Without
 a CPU.  Rank 0 saves the image (default out/sd3.png).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny="sd3", warm_up=1, steps=28, guidance=7.0,
+    p = harness.parser(__doc__, tiny="sd3", warm_up=1, steps=28, guidance=7.0,
                    prompt="A cat holding a sign that says hello world", negative_prompt="")
-    args = cli.parse(p, argv)
-    pipe = cli.load(args, "StableDiffusion3Pipeline")
-    return cli.run(pipe, cli.call_kwargs(args), args)
+    args = harness.parse(p, argv)
+    pipe = harness.load(args, "StableDiffusion3Pipeline")
+    return harness.run(pipe, harness.call_kwargs(args), args)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ offline on a CPU.  --model is a local diffusers folder.  Rank 0 saves the
 image (default out/sdxl.png).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny="sdxl", warm_up=9, steps=50, guidance=5.0,
+    p = harness.parser(__doc__, tiny="sdxl", warm_up=9, steps=50, guidance=5.0,
                    prompt="a woman with white crystal skin and an ice crown, fantasy art")
-    args = cli.parse(p, argv)
-    pipe = cli.load(args, "StableDiffusionXLPipeline")
-    return cli.run(pipe, cli.call_kwargs(args), args)
+    args = harness.parse(p, argv)
+    pipe = harness.load(args, "StableDiffusionXLPipeline")
+    return harness.run(pipe, harness.call_kwargs(args), args)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,25 @@ runs on a line drawing, offline on a CPU.  Rank 0 saves the image (default
 out/sdxl_controlnet.png).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny="sdxl_controlnet", warm_up=3, steps=50, guidance=5.0,
+    p = harness.parser(__doc__, tiny="sdxl_controlnet", warm_up=3, steps=50, guidance=5.0,
                    prompt="aerial view, a futuristic research complex in a bright foggy jungle, hard lighting",
                    negative_prompt="low quality, bad quality, sketches", image=True)
     p.add_argument("--controlnet", default=None, metavar="DIR", help="local ControlNet folder (needed with --model)")
     p.add_argument("--conditioning_scale", type=float, default=0.5, help="controlnet_conditioning_scale")
-    args = cli.parse(p, argv)
+    args = harness.parse(p, argv)
     if args.model is not None and args.controlnet is None:
         p.error("--controlnet is required with --model")
     extra = {}
     if args.model is not None:
-        extra["controlnet"] = cli.load_component(args, "ControlNetModel", args.controlnet)
-    pipe = cli.load(args, "StableDiffusionXLControlNetPipeline", **extra)
-    kwargs = cli.call_kwargs(args)
+        extra["controlnet"] = harness.load_component(args, "ControlNetModel", args.controlnet)
+    pipe = harness.load(args, "StableDiffusionXLControlNetPipeline", **extra)
+    kwargs = harness.call_kwargs(args)
     kwargs["controlnet_conditioning_scale"] = args.conditioning_scale
-    return cli.run(pipe, kwargs, args)
+    return harness.run(pipe, kwargs, args)
 
 
 if __name__ == "__main__":

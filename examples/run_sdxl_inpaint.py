@@ -11,19 +11,19 @@ of a test pattern, offline on a CPU.  Rank 0 saves the image (default
 out/sdxl_inpaint.png).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny="sdxl_inpaint", warm_up=1, steps=30, guidance=8.0,
+    p = harness.parser(__doc__, tiny="sdxl_inpaint", warm_up=1, steps=30, guidance=8.0,
                    prompt="a tiger sitting on a park bench", image=True, mask=True)
     p.add_argument("--strength", type=float, default=0.99,
                    help="how much of the image is renoised (1.0: all of it)")
-    args = cli.parse(p, argv)
-    pipe = cli.load(args, "StableDiffusionXLInpaintPipeline")
-    kwargs = cli.call_kwargs(args)
+    args = harness.parse(p, argv)
+    pipe = harness.load(args, "StableDiffusionXLInpaintPipeline")
+    kwargs = harness.call_kwargs(args)
     kwargs["strength"] = args.strength
-    return cli.run(pipe, kwargs, args)
+    return harness.run(pipe, kwargs, args)
 
 
 if __name__ == "__main__":

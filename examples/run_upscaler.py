@@ -10,18 +10,18 @@
 out/upscaler.png).
 """
 
-from asyncdiff import cli
+import harness
 
 
 def main(argv=None):
-    p = cli.parser(__doc__, tiny="upscaler", warm_up=1, steps=75, guidance=9.0,
+    p = harness.parser(__doc__, tiny="upscaler", warm_up=1, steps=75, guidance=9.0,
                    prompt="a white cat", image=True, size=False)
     p.add_argument("--noise_level", type=int, default=20, help="noise added to the low-resolution image")
-    args = cli.parse(p, argv)
-    pipe = cli.load(args, "StableDiffusionUpscalePipeline")
-    kwargs = cli.call_kwargs(args)
+    args = harness.parse(p, argv)
+    pipe = harness.load(args, "StableDiffusionUpscalePipeline")
+    kwargs = harness.call_kwargs(args)
     kwargs["noise_level"] = args.noise_level
-    return cli.run(pipe, kwargs, args)
+    return harness.run(pipe, kwargs, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train the built-in digits model shipped in ``asyncdiff/weights/``.
+"""Train the built-in digits model shipped in ``asyncdiff/demo/weights/``.
 
     python examples/train_digits.py                  # ~9 CPU-minutes on one core
     python examples/train_digits.py --steps 50 --out /tmp/w   # quick smoke run
@@ -13,7 +13,7 @@ grey 8x8 images, bundled with scikit-learn, no download):
   guidance.  The exponential moving average of the weights is what is saved,
   in float16, with ``save_pretrained(..., safe_serialization=True)``;
 * a small MLP digit classifier on the same 16x16 images, used to score the
-  samples (``asyncdiff.digits.classifier``).
+  samples (``asyncdiff.demo.digits.classifier``).
 
 The shipped weights come from the defaults (1500 steps of 64 images, one
 torch thread): 538 s of CPU time, 12 min 44 s of wall time on a 2-core machine
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from asyncdiff import digits
+from asyncdiff.demo import digits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "asyncdiff" / "weights"

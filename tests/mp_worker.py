@@ -13,7 +13,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from asyncdiff import AsyncDiff, tiny  # noqa: E402
+from asyncdiff import AsyncDiff  # noqa: E402
+from asyncdiff.testing import tiny  # noqa: E402
 
 
 def run(config: dict, pipe, rank: int):

@@ -2,13 +2,14 @@
 
 The emulation is the oracle the multi-process tests compare against, so here
 it is checked against what it must equal on its own: the plain pipeline when
-nothing is asynchronous, and the SPEC's rules for what each rank computes.
+nothing is asynchronous, and the schedule's rules (docs/design.md §3) for what each rank computes.
 """
 
 import pytest
 import torch
 
-from asyncdiff import AsyncDiff, splits, tiny
+from asyncdiff import AsyncDiff, splits
+from asyncdiff.testing import tiny
 from asyncdiff.arch import describe as arch_of
 
 ARCHS = ("sd15", "sd21", "sdxl")

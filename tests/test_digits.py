@@ -1,4 +1,4 @@
-"""The built-in digits model (asyncdiff.digits) and the main job (asyncdiff.demo)."""
+"""The built-in digits model (asyncdiff.demo.digits) and the main job (asyncdiff.demo)."""
 
 import socket
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from asyncdiff import AsyncDiff, demo, digits
+from asyncdiff import AsyncDiff
+from asyncdiff.demo import digits, job as demo
 
 # Measured with the shipped weights (2 samples per digit, 25 DDIM steps,
 # seed 0): 20/20 = 1.00 (0.96 on 5 per digit); the bound keeps a margin.

@@ -1,4 +1,4 @@
-"""The example scripts (examples/run_*.py) and their shared layer, asyncdiff/cli.py.
+"""The example scripts (examples/run_*.py) and their shared layer, examples/harness.py.
 
 Every example's ``main(argv)`` runs in-process, in emulation (no torchrun
 variables in the environment), on its tiny built-in pipeline with few steps,
@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from asyncdiff import cli
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))  # as when a script there runs: its harness is importable
+import harness  # noqa: E402
+
 FAMILIES = ("sd", "sdxl", "sdxl_inpaint", "sdxl_controlnet", "upscaler", "svd", "animatediff", "sd3")
 VIDEO = ("svd", "animatediff")
 LINE = re.compile(r"^rank (\d+)/(\d+) \((\w+), split: (.+)\): (\d+\.\d\d) s(?: -> (.+))?$", re.M)
@@ -54,12 +56,12 @@ def attached(monkeypatch):
     """Every AsyncDiff the examples create, to look at its settings afterwards."""
     made = []
 
-    class Recording(cli.AsyncDiff):
+    class Recording(harness.AsyncDiff):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(cli, "AsyncDiff", Recording)
+    monkeypatch.setattr(harness, "AsyncDiff", Recording)
     return made
 
 
@@ -70,54 +72,54 @@ def timing_lines(text: str):
 # ------------------------------------------------------------------ str2bool
 @pytest.mark.parametrize("text", ["true", "True", "TRUE", "1", "yes", "Yes", "y", "on", " true "])
 def test_str2bool_true(text):
-    assert cli.str2bool(text) is True
+    assert harness.str2bool(text) is True
 
 
 @pytest.mark.parametrize("text", ["false", "False", "FALSE", "0", "no", "No", "n", "off"])
 def test_str2bool_false(text):
-    assert cli.str2bool(text) is False
+    assert harness.str2bool(text) is False
 
 
 @pytest.mark.parametrize("text", ["", "maybe", "2", "-1", "tru", "none"])
 def test_str2bool_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.str2bool(text)
+        harness.str2bool(text)
 
 
 def test_str2bool_passes_bools_through():
-    assert cli.str2bool(True) is True and cli.str2bool(False) is False
+    assert harness.str2bool(True) is True and harness.str2bool(False) is False
 
 
 def _sd_parser():
-    return cli.parser("test", tiny=("sd15", "sd21"), warm_up=9, steps=50, prompt="a cat", guidance=7.5)
+    return harness.parser("test", tiny=("sd15", "sd21"), warm_up=9, steps=50, prompt="a cat", guidance=7.5)
 
 
 @pytest.mark.parametrize("text,value", [("false", False), ("False", False), ("0", False), ("no", False),
                                         ("true", True), ("True", True), ("1", True), ("yes", True)])
 def test_time_shift_flag_is_a_real_boolean(text, value):
-    args = cli.parse(_sd_parser(), ["--time_shift", text])
+    args = harness.parse(_sd_parser(), ["--time_shift", text])
     assert args.time_shift is value
 
 
 def test_bad_time_shift_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.parse(_sd_parser(), ["--time_shift", "maybe"])
+        harness.parse(_sd_parser(), ["--time_shift", "maybe"])
     assert exc.value.code == 2
     assert "--time_shift" in capsys.readouterr().err
 
 
 def test_defaults_follow_the_model():
-    tiny = cli.parse(_sd_parser(), [])
+    tiny = harness.parse(_sd_parser(), [])
     assert (tiny.model, tiny.seed, tiny.model_n, tiny.stride, tiny.warm_up) == (None, 20, 2, 1, 9)
     assert tiny.time_shift is False and tiny.split is None
-    assert tiny.steps == cli.TINY_STEPS > tiny.warm_up
-    assert cli.parse(_sd_parser(), ["--model", "/nowhere"]).steps == 50  # parsing loads nothing
-    assert cli.parse(_sd_parser(), ["--model", "/nowhere", "--steps", "7"]).steps == 7
+    assert tiny.steps == harness.TINY_STEPS > tiny.warm_up
+    assert harness.parse(_sd_parser(), ["--model", "/nowhere"]).steps == 50  # parsing loads nothing
+    assert harness.parse(_sd_parser(), ["--model", "/nowhere", "--steps", "7"]).steps == 7
 
 
 def test_bad_stride_is_an_argparse_error():
     with pytest.raises(SystemExit):
-        cli.parse(_sd_parser(), ["--stride", "3"])
+        harness.parse(_sd_parser(), ["--stride", "3"])
 
 
 @pytest.mark.parametrize("family,argv,needs", [
@@ -199,7 +201,7 @@ def test_seed_and_split_flags(tmp_path, capsys):
 
 def test_local_model_folder(tmp_path, capsys, attached):
     """--model loads a local diffusers folder (from_pretrained, local files only)."""
-    from asyncdiff import tiny
+    from asyncdiff.testing import tiny
 
     folder = tmp_path / "sd15"
     tiny.build_pipeline("sd15", seed=0).save_pretrained(folder)
@@ -217,7 +219,7 @@ def test_local_model_folder(tmp_path, capsys, attached):
 @pytest.mark.parametrize("family,arch", [("sdxl_controlnet", "sdxl_controlnet"), ("animatediff", "animatediff")])
 def test_local_folders_with_extra_components(family, arch, tmp_path, capsys):
     """--controlnet / --motion_adapter folders and an --image file give what the built-in model gives."""
-    from asyncdiff import tiny
+    from asyncdiff.testing import tiny
 
     folder = tmp_path / arch
     pipe = tiny.build_pipeline(arch, seed=0)

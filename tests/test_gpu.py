@@ -23,7 +23,6 @@ the multi-process tests.
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncdiff import AsyncDiff, _core, tiny, transport
+from asyncdiff import AsyncDiff, _core, transport
+from asyncdiff.testing import ranks, tiny
 
 HERE = Path(__file__).resolve().parent
 CUDA = torch.cuda.is_available()
@@ -117,9 +117,7 @@ def test_nccl_self_exchange_1mb():
 @needs_nccl
 def test_nccl_transport_class_world_one(monkeypatch):
     """transport.NcclTransport end to end: store rendezvous, send expansion, pairing by offset."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ranks.free_port()
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
@@ -187,7 +185,7 @@ def _launch(world, configs, outdir):
         import mp
     finally:
         sys.path.remove(str(HERE))
-    results = mp.launch(world, configs, outdir, timeout=600, script=Path(__file__))
+    results = mp.launch(world, configs, outdir, script=Path(__file__))
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{log[-4000:]}"
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]

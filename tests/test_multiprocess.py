@@ -17,7 +17,8 @@ import re
 import pytest
 import torch
 
-from asyncdiff import AsyncDiff, tiny
+from asyncdiff import AsyncDiff
+from asyncdiff.testing import tiny
 
 import mp
 
@@ -83,7 +84,7 @@ def emulate(pipe, cfg):
 def test_processes_equal_emulation(pipes, tmp_path, world):
     before = shm_entries()
     configs = configs_for(world)
-    results = mp.launch(world, configs, tmp_path, timeout=400)
+    results = mp.launch(world, configs, tmp_path)
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{log[-3000:]}"
     assert shm_entries() <= before, "shared-memory segments left behind"
@@ -105,7 +106,7 @@ def test_processes_equal_emulation(pipes, tmp_path, world):
 
 def test_wrong_world_size_fails_on_every_rank(tmp_path):
     cfg = [dict(id="bad", arch="sd15", model_n=2, stride=1, warm_up=1, steps=3)]
-    results = mp.launch(3, cfg, tmp_path, timeout=120)
+    results = mp.launch(3, cfg, tmp_path)
     for rank, (code, log) in enumerate(results):
         assert code != 0
         assert "world size" in log and "ValueError" in log, log[-2000:]
@@ -115,7 +116,7 @@ def test_a_rank_that_dies_makes_the_others_fail_fast(tmp_path):
     before = shm_entries()
     cfg = [dict(id="die", arch="sd15", model_n=2, stride=1, warm_up=1, steps=8, timeout=60.0,
                 die={"rank": 1, "step": 3})]
-    results = mp.launch(2, cfg, tmp_path, timeout=120)
+    results = mp.launch(2, cfg, tmp_path)
     assert results[1][0] == 3
     code, log = results[0]
     assert code != 0
@@ -127,7 +128,7 @@ def test_a_rank_that_dies_makes_the_others_fail_fast(tmp_path):
 def test_an_existing_process_group_is_reused(pipes, tmp_path):
     cfg = dict(id="pg", arch="sd15", model_n=2, stride=1, warm_up=1, steps=4, split="paper",
                time_shift=False, init_process_group=True)
-    results = mp.launch(2, [cfg], tmp_path, timeout=200)
+    results = mp.launch(2, [cfg], tmp_path)
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{log[-3000:]}"
     expected, _ = emulate(pipes("sd15"), cfg)

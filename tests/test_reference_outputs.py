@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncdiff import AsyncDiff, tiny
+from asyncdiff import AsyncDiff
+from asyncdiff.testing import tiny
 
 DATA = Path(__file__).resolve().parent / "data" / "reference_outputs.pt"
 STEPS = 6

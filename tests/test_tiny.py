@@ -1,4 +1,4 @@
-"""Tests of the tiny, offline, same-topology pipelines (asyncdiff/tiny.py)."""
+"""Tests of the tiny, offline, same-topology pipelines (asyncdiff/testing/tiny.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 try:
-    from asyncdiff import tiny
+    from asyncdiff.testing import tiny
 except ImportError:  # the package's compiled core is not built: tiny.py needs none of it
-    _path = Path(__file__).resolve().parents[1] / "asyncdiff" / "tiny.py"
+    _path = Path(__file__).resolve().parents[1] / "asyncdiff" / "testing" / "tiny.py"
     _spec = importlib.util.spec_from_file_location("asyncdiff_tiny_standalone", _path)
     tiny = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = tiny

@@ -1,6 +1,6 @@
 """A small trained diffusion model that ships with the package: handwritten digits.
 
-The weights in ``asyncdiff/weights/`` were trained by
+The weights in ``asyncdiff/demo/weights/`` were trained by
 ``examples/train_digits.py`` on scikit-learn's handwritten digits (8x8,
 upsampled to 16x16, scaled to [-1, 1]).  Loading them needs no network and no
 scikit-learn.
@@ -38,6 +38,7 @@ __all__ = [
     "DigitClassifier",
     "load_pipeline",
     "classifier",
+    "psnr",
     "to_grid",
     "to_tensor01",
     "load_digit_images",
@@ -244,6 +245,18 @@ def to_tensor01(images) -> torch.Tensor:
     if x.shape[1] != 1:
         x = x.mean(1, keepdim=True)
     return x
+
+
+def psnr(a, b, peak: float = 1.0, per_image: bool = False):
+    """PSNR in dB between images in [0, peak] (arrays or CPU tensors of the
+    same shape): of the whole batch (one mean squared error), or of each
+    image (``per_image``: an array, first axis); inf where they are equal."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    err = (a - b) ** 2
+    mse = err.reshape(len(a), -1).mean(axis=1) if per_image else err.mean()
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(peak * peak / mse)
 
 
 def to_grid(images, nrow: int, scale: int = 4, pad: int = 1):

@@ -11,7 +11,7 @@ Flags kept from the original project's scripts: ``--model``, ``--prompt``,
 ``--seed``, ``--model_n``, ``--stride``, ``--warm_up``, ``--time_shift``.
 Unlike there, ``--time_shift`` is a real boolean (``--time_shift false`` is
 False) and ``--model`` is a *local* diffusers folder: nothing is downloaded.
-Without ``--model`` the family's tiny built-in pipeline (``asyncdiff.tiny``,
+Without ``--model`` the family's tiny built-in pipeline (``asyncdiff.testing.tiny``,
 random weights) runs, with its own small sizes and inputs, so every example
 works offline on a CPU.
 
@@ -28,47 +28,15 @@ from pathlib import Path
 
 import torch
 
-from .attach import AsyncDiff
+from asyncdiff import AsyncDiff, launch
+from asyncdiff.config import add_arguments, from_args, int_at_least, str2bool
 
 __all__ = ["str2bool", "parser", "parse", "load", "load_component", "load_image", "call_kwargs", "run", "save"]
 
 TINY_STEPS = 12  # default step count for the tiny models (past the largest default warm-up, 9)
 
-_TRUE = ("1", "true", "t", "yes", "y", "on")
-_FALSE = ("0", "false", "f", "no", "n", "off")
-
-
-def str2bool(text) -> bool:
-    """``"true"/"false"``, ``"1"/"0"``, ``"yes"/"no"`` (any case) to a bool.
-
-    Anything else is an ``argparse.ArgumentTypeError``, so a typo is a
-    command-line error instead of a silent True (``type=bool`` makes every
-    non-empty string True, ``"False"`` included)."""
-    if isinstance(text, bool):
-        return text
-    word = str(text).strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {text!r}")
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def convert(text) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return convert
-
-
-_positive_int = _int_at_least(1)
-_count = _int_at_least(0)
+_positive_int = int_at_least(1)
+_count = int_at_least(0)
 
 
 # ---------------------------------------------------------------- the parser
@@ -89,7 +57,7 @@ def parser(
 ) -> argparse.ArgumentParser:
     """The shared flags, with this family's defaults.
 
-    tiny: the ``asyncdiff.tiny`` arch used without ``--model`` (a tuple offers
+    tiny: the ``asyncdiff.testing.tiny`` arch used without ``--model`` (a tuple offers
         a ``--tiny`` choice, the first being the default).
     warm_up, steps: defaults for a real model (the original scripts' values);
         the tiny models default to :data:`TINY_STEPS` steps.
@@ -129,17 +97,7 @@ def parser(
     g.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                    help="weights of --model: auto = fp16 on CUDA, fp32 on CPU")
 
-    a = ap.add_argument_group("AsyncDiff")
-    a.add_argument("--model_n", type=_positive_int, default=2, help="components the denoiser is cut into")
-    a.add_argument("--stride", type=int, choices=(1, 2), default=1, help="steps per parallel round")
-    a.add_argument("--warm_up", type=_positive_int, default=warm_up, help="steps run whole before going asynchronous")
-    a.add_argument("--time_shift", type=str2bool, default=False, metavar="BOOL",
-                   help="give each component the previous step's timestep (true/false)")
-    a.add_argument("--split", default=None,
-                   help="'auto', 'paper', or explicit, e.g. 'conv_in d0-3 mid | u0 u1 u2 u3 conv_norm_out conv_out' "
-                        "(default: the paper's preset, else auto)")
-    a.add_argument("--transport", default="auto", help="auto, emulate, or a multi-process transport")
-    a.add_argument("--timeout", type=float, default=300.0, help="seconds a rank may wait for another")
+    add_arguments(ap, warm_up=warm_up)
 
     r = ap.add_argument_group("run")
     r.add_argument("--out", default=None, metavar="FILE",
@@ -156,6 +114,7 @@ def parser(
 def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, check what needs a real model, fill in the defaults that depend on it."""
     args = ap.parse_args(argv)
+    args.asyncdiff = from_args(ap, args)  # every AsyncDiff flag checked before any model is loaded
     if args.model is not None:
         if args.has_image and args.image is None:
             ap.error("--image is required with --model")
@@ -172,10 +131,8 @@ def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------- loading
 def device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This rank's device (``cuda:LOCAL_RANK`` when CUDA is available, else the CPU)."""
+    return launch.rank_device()
 
 
 def dtype(args) -> torch.dtype:
@@ -211,7 +168,7 @@ def load(args, class_name: str, **components):
     """The family's pipeline on this rank's device: ``class_name.from_pretrained(--model)``
     (extra ``components`` passed through), or the tiny built-in pipeline."""
     if args.model is None:
-        from . import tiny
+        from asyncdiff.testing import tiny
 
         pipe = tiny.build_pipeline(args.tiny, seed=0)
     else:
@@ -242,7 +199,7 @@ def call_kwargs(args) -> dict:
     kw: dict = {}
     tiny_image_size = None
     if args.model is None:
-        from . import tiny
+        from asyncdiff.testing import tiny
 
         kw.update(tiny.default_call_kwargs(args.tiny, seed=0))
         if "image" in kw and hasattr(kw["image"], "size"):
@@ -328,8 +285,9 @@ def run(pipe, kwargs: dict, args, *, fps: int = 8) -> Path | None:
     """Attach AsyncDiff, time one pipeline call, print one line per rank,
     save the result on rank 0, detach.  Returns the saved path (None on the
     other ranks)."""
-    ad = AsyncDiff(pipe, model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
-                   time_shift=args.time_shift, split=args.split, transport=args.transport, timeout=args.timeout)
+    c = args.asyncdiff
+    ad = AsyncDiff(pipe, c.model_n, c.stride, c.warm_up, c.time_shift, split=c.split, transport=c.transport,
+                   timeout=c.timeout)
     dev = device()
     try:
         for _ in range(args.prerun):

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=3 -m asyncdiff.demo --model_n 2 --stride 2
     python -m asyncdiff.demo --model /path/to/stable-diffusion-folder --prompt "a red bicycle"
 
-Without ``--model`` the built-in digits model (``asyncdiff.digits``, trained
+Without ``--model`` the built-in digits model (``asyncdiff.demo.digits``, trained
 weights shipped with the package) draws the digits 0..9, so the job runs
 offline on a CPU.  With ``--model`` a local Stable Diffusion folder is loaded
 (``local_files_only``) and one image of ``--prompt`` is drawn.
@@ -26,25 +26,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
-import os
 import time
 
 import numpy as np
 import torch
 
-from asyncdiff import AsyncDiff
+from asyncdiff import AsyncDiff, launch
+from asyncdiff.config import add_arguments, from_args, int_at_least
 
-
-def str2bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "y", "on"):
-        return True
-    if low in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {text!r}")
+from . import digits
 
 
 def parse_args(argv=None):
@@ -55,22 +45,15 @@ def parse_args(argv=None):
                     help="local Stable Diffusion folder (default: the built-in digits model)")
     ap.add_argument("--prompt", default="a photograph of a kitten sitting by a door",
                     help="prompt for --model")
-    ap.add_argument("--model_n", type=int, default=2, help="number of components (default 2)")
-    ap.add_argument("--stride", type=int, default=1, help="1, or 2 with one extra process (default 1)")
-    ap.add_argument("--warm_up", type=int, default=3, help="steps computed whole before going asynchronous")
-    ap.add_argument("--time_shift", type=str2bool, default=False, help="true/false/1/0 (default false)")
-    ap.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    ap.add_argument("--steps", type=int_at_least(1), default=50, help="denoising steps (default 50)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the model's own default)")
-    ap.add_argument("--split", default=None, help="'auto', 'paper' or an explicit split (default: AsyncDiff's)")
     ap.add_argument("--out", default="demo.png", help="PNG grid written by rank 0 (default demo.png)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ap.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads per process (default 1)")
+    add_arguments(ap, warm_up=3)
     args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error("--steps must be >= 1")
-    if args.threads < 1:
-        ap.error("--threads must be >= 1")
+    args.asyncdiff = from_args(ap, args)  # every AsyncDiff flag checked before the sequential baseline runs
     return args
 
 
@@ -80,8 +63,6 @@ class _Job:
     def __init__(self, args, device):
         self.args = args
         if args.model is None:
-            from asyncdiff import digits
-
             self.name = "built-in digits model"
             self.pipe = digits.load_pipeline(device=device)
             self.labels = list(range(digits.NUM_CLASSES))
@@ -133,11 +114,6 @@ def _timed(fn, device):
     return images, time.perf_counter() - start
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
 def _digest(images: np.ndarray) -> str:
     return hashlib.sha1((np.clip(images, 0, 1) * 255).round().astype(np.uint8).tobytes()).hexdigest()[:10]
 
@@ -149,11 +125,9 @@ def _fmt_acc(acc, n):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    device = launch.rank_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
 
     job = _Job(args, device)
 
@@ -161,8 +135,9 @@ def main(argv=None) -> dict:
     seq_images, seq_s = _timed(job, device)
 
     # 2. the same call with AsyncDiff attached
-    ad = AsyncDiff(job.pipe, model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
-                   time_shift=args.time_shift, split=args.split)
+    c = args.asyncdiff
+    ad = AsyncDiff(job.pipe, c.model_n, c.stride, c.warm_up, c.time_shift, split=c.split, transport=c.transport,
+                   timeout=c.timeout)
     try:
         async_images, async_s = _timed(job, device)
         split = str(ad.split)
@@ -177,16 +152,14 @@ def main(argv=None) -> dict:
     result = {
         "rank": rank, "world_size": world, "mode": mode, "split": split,
         "sequential_s": seq_s, "asyncdiff_s": async_s, "speedup": seq_s / async_s,
-        "psnr_db": psnr(async_images, seq_images), "digest": digest,
+        "psnr_db": digits.psnr(async_images, seq_images), "digest": digest,
         "accuracy_sequential": job.accuracy(seq_images), "accuracy_asyncdiff": job.accuracy(async_images),
         "out": None,
     }
     if rank != 0:
         return result
 
-    from asyncdiff.digits import to_grid
-
-    grid = to_grid(np.concatenate([seq_images, async_images]), nrow=job.nrow, scale=4 if job.labels else 1)
+    grid = digits.to_grid(np.concatenate([seq_images, async_images]), nrow=job.nrow, scale=4 if job.labels else 1)
     grid.save(args.out)
     result["out"] = args.out
 

@@ -9,7 +9,7 @@ second on a CPU.  Weights are random, drawn from a seeded generator: the same
 ``seed`` always gives bit-identical weights.
 
 The real denoiser configurations (the ``config.json`` of the published
-checkpoints) ship in ``asyncdiff/configs/``; :func:`real_config` returns them
+checkpoints) ship in ``asyncdiff/testing/configs/``; :func:`real_config` returns them
 for cost counting at real size, and :func:`tiny_config` derives the tiny ones
 from them by shrinking widths, heads, embedding dims and sample size.
 

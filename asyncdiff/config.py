@@ -1,0 +1,173 @@
+"""AsyncDiff's options: one frozen, validated record, and the command-line flags for it.
+
+``AsyncDiffConfig`` holds what ``AsyncDiff(pipe, model_n, stride, warm_up,
+time_shift, split=..., transport=..., timeout=...)`` was given, checked once
+(every rank checks its own, with the ranges the C core accepts) and then
+never changed.  Under torchrun the ranks compare their configs once, at the
+rendezvous (``transport/__init__.py``); ``summary()`` is what they compare.
+
+``add_arguments`` / ``from_args`` give scripts the original project's flags
+(``--model_n --stride --warm_up --time_shift``) with real booleans and the
+same checks, so a bad flag fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+# Limits the C core accepts (csrc/schedule.c takes C ints; waits are capped).
+MAX_INT = 2**31 - 2
+MAX_TIMEOUT = 1e9
+TRANSPORTS = ("auto", "emulate", "shm", "nccl")
+
+
+def check_int(name: str, value, low: int = 1, high: int = MAX_INT, choices: tuple | None = None) -> int:
+    """``value`` as an int in [low, high] (or one of ``choices``), else a
+    TypeError/ValueError naming ``name``.  bool is not an int here."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(map(str, choices))}, got {value}")
+    if not low <= value <= high:
+        shown = value if abs(value) < 10**12 else f"{'-' if value < 0 else ''}a {len(str(abs(value)))}-digit number"
+        raise ValueError(f"{name}: must be in [{low}, {high}], got {shown}")
+    return value
+
+
+def check_timeout(value) -> float:
+    """A positive, finite number of seconds up to the C core's cap."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout: expected a number of seconds, got {type(value).__name__}")
+    if math.isnan(value) or not 0 < value <= MAX_TIMEOUT:
+        raise ValueError(f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT:.0e}] (every wait for "
+                         f"another rank is bounded; there is no 'wait forever'), got {value!r}")
+    return float(value)
+
+
+def _normalise_split(split):
+    """None, "auto", "paper" or an explicit split as a string or a tuple of
+    tuples of unit names (hashable, so the config can be frozen)."""
+    if split is None or isinstance(split, str):
+        return split
+    if isinstance(split, (list, tuple)):
+        comps = []
+        for part in split:
+            if isinstance(part, str):
+                comps.append(part)
+            elif isinstance(part, (list, tuple)) and all(isinstance(u, str) for u in part):
+                comps.append(tuple(part))
+            else:
+                raise TypeError(f"split: a component must be a string or a list of unit names, got {part!r}")
+        return tuple(comps)
+    raise TypeError(f"split: expected None, 'auto', 'paper', a string or a list of components, "
+                    f"got {type(split).__name__}")
+
+
+@dataclass(frozen=True)
+class AsyncDiffConfig:
+    """What AsyncDiff runs with; validated when made.
+
+    model_n: components the denoiser is cut into (>= 1).
+    stride: 1, or 2 (one extra rank; each parallel round covers two steps).
+    warm_up: denoiser calls computed whole before going asynchronous (>= 1).
+    time_shift: give each component the previous step's timestep.
+    split: None (the paper's preset when the architecture has one, else
+        "auto"), "auto", "paper", or an explicit split.
+    transport: "auto", "emulate", "shm" or "nccl".
+    timeout: seconds any wait for another rank may last, in (0, 1e9].
+    """
+
+    model_n: int = 2
+    stride: int = 1
+    warm_up: int = 1
+    time_shift: bool = False
+    split: object = field(default=None)
+    transport: str = "auto"
+    timeout: float = 300.0
+
+    def __post_init__(self):
+        check_int("model_n", self.model_n)
+        check_int("stride", self.stride, choices=(1, 2))
+        check_int("warm_up", self.warm_up)
+        if not isinstance(self.time_shift, bool):
+            raise TypeError(f"time_shift: expected a bool, got {type(self.time_shift).__name__}")
+        object.__setattr__(self, "split", _normalise_split(self.split))
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {', '.join(map(repr, TRANSPORTS))}, got {self.transport!r}")
+        object.__setattr__(self, "timeout", check_timeout(self.timeout))
+
+    @property
+    def world_size(self) -> int:
+        """Ranks a multi-process run needs: model_n + stride - 1."""
+        return self.model_n + self.stride - 1
+
+    def summary(self) -> dict:
+        """What every rank must agree on, as plain JSON-able values."""
+        split = self.split if self.split is None or isinstance(self.split, str) else \
+            [p if isinstance(p, str) else list(p) for p in self.split]
+        return {"model_n": self.model_n, "stride": self.stride, "warm_up": self.warm_up,
+                "time_shift": self.time_shift, "split": split, "transport": self.transport}
+
+
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+_FALSE = ("0", "false", "f", "no", "n", "off")
+
+
+def str2bool(text) -> bool:
+    """``"true"/"false"``, ``"1"/"0"``, ``"yes"/"no"`` (any case) to a bool.
+
+    Anything else is an ``argparse.ArgumentTypeError``: a typo is a
+    command-line error, not a silent True (``type=bool`` makes every
+    non-empty string True, ``"False"`` included)."""
+    if isinstance(text, bool):
+        return text
+    word = str(text).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {text!r}")
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def convert(text) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, warm_up: int = 1) -> argparse.ArgumentParser:
+    """Add the original project's flags and ours, in a group "AsyncDiff"."""
+    a = parser.add_argument_group("AsyncDiff")
+    a.add_argument("--model_n", type=int_at_least(1), default=2, help="components the denoiser is cut into")
+    a.add_argument("--stride", type=int, choices=(1, 2), default=1, help="steps per parallel round")
+    a.add_argument("--warm_up", type=int_at_least(1), default=warm_up,
+                   help="steps run whole before going asynchronous")
+    a.add_argument("--time_shift", type=str2bool, default=False, metavar="BOOL",
+                   help="give each component the previous step's timestep (true/false)")
+    a.add_argument("--split", default=None,
+                   help="'auto', 'paper', or explicit, e.g. 'conv_in d0-3 mid | u0 u1 u2 u3 conv_norm_out conv_out' "
+                        "(default: the paper's preset, else auto)")
+    a.add_argument("--transport", choices=TRANSPORTS, default="auto", help="auto, emulate, shm or nccl")
+    a.add_argument("--timeout", type=float, default=300.0, help="seconds a rank may wait for another")
+    return parser
+
+
+def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AsyncDiffConfig:
+    """The config the parsed flags describe; a bad combination is a
+    command-line error (``parser.error``), before any work is done."""
+    try:
+        return AsyncDiffConfig(model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
+                               time_shift=args.time_shift, split=args.split, transport=args.transport,
+                               timeout=args.timeout)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+        raise  # parser.error exits; this keeps type checkers informed

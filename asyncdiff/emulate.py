@@ -1,0 +1,47 @@
+"""Emulation: one process plays every rank in turn (docs/design.md §6.2).
+
+This is what a plain ``python`` process or a Jupyter kernel gets, the way to
+preview a configuration's quality on one device, and the oracle every
+multi-process test compares against.  Per denoiser call k it reads the plan
+of every rank from the C schedule and runs, in rank order, the forward of
+each rank that computes; the outputs a rank stores become visible to the
+others at the next call, as they would after the exchange.  Warm-up calls
+and calls where no rank computes are alike on every rank and run once.
+"""
+
+from __future__ import annotations
+
+from .step import Pass
+
+
+class Emulation:
+    kind = "emulate"
+    rank = 0
+
+    def __init__(self, world: int, units_of: dict):
+        self.world = world
+        self.units_of = units_of  # component -> frozenset of its units
+        self.published: dict = {}  # unit -> (spec, tensors): its owner's last stored output
+
+    def step(self, call, k: int, run):
+        plans = [call.schedule.plan(r, k) for r in range(self.world)]
+        first = plans[0]
+        if first.warmup:
+            p = Pass(0, None, first.store, {}, False)
+            out = run(p, first.timestep_index)
+            if first.store:
+                self.published = p.stores
+            return out
+        computing = [(r, pl) for r, pl in enumerate(plans) if pl.compute_component >= 0]
+        if not computing:  # every rank replays the owners' last outputs alike
+            return run(Pass(0, frozenset(), False, self.published, False), first.timestep_index)
+        outs, staged = {}, {}
+        for r, pl in computing:
+            p = Pass(r, self.units_of[pl.compute_component], pl.store, self.published, True)
+            outs[r] = run(p, pl.timestep_index)
+            staged.update(p.stores)
+        self.published.update(staged)
+        return outs[first.result_rank]
+
+    def close(self, failed: bool = False):
+        self.published = {}
