@@ -12,6 +12,7 @@ away and undoes every device move it made.  See docs/design.md §6.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections import Counter
 
@@ -19,7 +20,7 @@ import torch
 from diffusers.utils.torch_utils import unwrap_module
 
 from . import arch, hooks, launch, splits
-from .config import AsyncDiffConfig, check_int
+from .config import AsyncDiffConfig
 from .emulate import Emulation
 from .exchange import ExchangePlan
 from .step import Loop
@@ -87,10 +88,8 @@ class AsyncDiff:
             self._mode = Emulation(self.config.world_size, {})
         else:
             self._mode = self._open_rank(rank)
-        loop = Loop(self.config, pipeline, denoiser, self._state, self._prepare, self._mode)
-        loop.counts = self.counts
-        self._loop = loop
-        self._hook(denoiser, hooks.DenoiserHook(loop), hooks.DENOISER_HOOK)
+        self._loop = Loop(self.config, pipeline, denoiser, self._state, self._prepare, self._mode, self.counts)
+        self._hook(denoiser, hooks.DenoiserHook(self._loop), hooks.DENOISER_HOOK)
         if self.split is not None:
             self._hook_blocks()
 
@@ -118,7 +117,7 @@ class AsyncDiff:
 
     @property
     def warm_up(self) -> int:
-        return self._loop.warm_up
+        return self._loop.config.warm_up
 
     @property
     def time_shift(self) -> bool:
@@ -130,7 +129,7 @@ class AsyncDiff:
         Never required (state resets by itself at each pipeline call); kept
         for scripts written for the original code."""
         if warm_up is not None:
-            self._loop.warm_up = check_int("warm_up", warm_up)
+            self._loop.config = dataclasses.replace(self._loop.config, warm_up=warm_up)  # validated again
         self._loop.reset()
 
     def remove(self):

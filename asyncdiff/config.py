@@ -17,6 +17,8 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
+from . import _core
+
 # Limits the C core accepts (csrc/schedule.c takes C ints; waits are capped).
 MAX_INT = 2**31 - 2
 MAX_TIMEOUT = 1e9
@@ -100,8 +102,8 @@ class AsyncDiffConfig:
 
     @property
     def world_size(self) -> int:
-        """Ranks a multi-process run needs: model_n + stride - 1."""
-        return self.model_n + self.stride - 1
+        """Ranks a multi-process run needs (model_n + stride - 1; the C schedule says)."""
+        return _core.Schedule(self.model_n, self.stride, self.warm_up, int(self.time_shift), 1).world_size
 
     def summary(self) -> dict:
         """What every rank must agree on, as plain JSON-able values."""

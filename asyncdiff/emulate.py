@@ -23,25 +23,27 @@ class Emulation:
         self.units_of = units_of  # component -> frozenset of its units
         self.published: dict = {}  # unit -> (spec, tensors): its owner's last stored output
 
-    def step(self, call, k: int, run):
+    def begin(self, call, k: int) -> list:
         plans = [call.schedule.plan(r, k) for r in range(self.world)]
         first = plans[0]
+        self._warmup, self._result = first.warmup, 0
         if first.warmup:
-            p = Pass(0, None, first.store, {}, False)
-            out = run(p, first.timestep_index)
-            if first.store:
-                self.published = p.stores
-            return out
+            return [Pass(0, None, first.store, {}, False, first.timestep_index)]
         computing = [(r, pl) for r, pl in enumerate(plans) if pl.compute_component >= 0]
         if not computing:  # every rank replays the owners' last outputs alike
-            return run(Pass(0, frozenset(), False, self.published, False), first.timestep_index)
-        outs, staged = {}, {}
-        for r, pl in computing:
-            p = Pass(r, self.units_of[pl.compute_component], pl.store, self.published, True)
-            outs[r] = run(p, pl.timestep_index)
-            staged.update(p.stores)
-        self.published.update(staged)
-        return outs[first.result_rank]
+            return [Pass(0, frozenset(), False, self.published, False, first.timestep_index)]
+        self._result = [r for r, _ in computing].index(first.result_rank)
+        return [Pass(r, self.units_of[pl.compute_component], pl.store, self.published, True, pl.timestep_index)
+                for r, pl in computing]
+
+    def finish(self, call, k: int, passes: list, outs: list):
+        if self._warmup:
+            if passes[0].store:
+                self.published = passes[0].stores
+        else:
+            for p in passes:  # what the ranks stored is read from the next call on
+                self.published.update(p.stores)
+        return outs[self._result]
 
     def close(self, failed: bool = False):
         self.published = {}

@@ -47,7 +47,13 @@ class DenoiserHook(ModelHook):
         self.loop = loop
 
     def new_forward(self, module, *args, **kwargs):
+        if self.loop is None:  # removed, but still in a chain another library holds
+            return self.fn_ref.original_forward(*args, **kwargs)
         return self.loop(self.fn_ref.original_forward, args, kwargs)
+
+    def deinitalize_hook(self, module):
+        self.loop = None
+        return module
 
 
 class BlockHook(ModelHook):
@@ -69,10 +75,6 @@ class BlockHook(ModelHook):
             return out
         spec, tensors = p.cache[self.unit]
         return unflatten(spec, tensors)
-
-
-def registry_of(module: torch.nn.Module) -> HookRegistry:
-    return HookRegistry.check_if_exists_or_initialize(module)
 
 
 def attached_hook(module: torch.nn.Module) -> ModelHook | None:
@@ -101,9 +103,10 @@ def unregister(module: torch.nn.Module, name: str, created: bool) -> None:
     ``HookRegistry.remove_hook`` writes back the ``forward`` the registry saw
     when the hook came, which would drop a wrapper another library (accelerate's
     offloading hooks, say) installed over the registry's since.  In that case the
-    hook's link in the chain is made a pass-through instead and taken out of
-    the registry's tables; the other library's wrapper keeps calling the
-    chain, which now goes straight to the original forward.
+    hook is only taken out of the registry's tables: once removed it passes
+    every call through (``DenoiserHook.deinitalize_hook``; a block hook does
+    so as soon as AsyncDiff runs no pass), and the other library's wrapper
+    keeps calling the chain, which now goes straight to the original forward.
 
     Once the registry holds no hook, the plain bound ``forward`` it leaves
     behind is taken away (the class's forward is the same), and so is the
@@ -116,13 +119,7 @@ def unregister(module: torch.nn.Module, name: str, created: bool) -> None:
         registry.remove_hook(name, recurse=False)
     else:
         index = registry._hook_order.index(name)
-        fn_ref = registry._fn_refs[index]
-        fn_ref.pre_forward = _pass_args
-        fn_ref.post_forward = _pass_output
-        if fn_ref.original_forward is not None:
-            fn_ref.forward = fn_ref.original_forward
-        registry.hooks[name].deinitalize_hook(module)
-        del registry.hooks[name]
+        registry.hooks.pop(name).deinitalize_hook(module)
         registry._hook_order.pop(index)
         registry._fn_refs.pop(index)
     if not registry.hooks:
@@ -131,11 +128,3 @@ def unregister(module: torch.nn.Module, name: str, created: bool) -> None:
         left = module.__dict__.get("forward")
         if getattr(left, "__self__", None) is module and getattr(left, "__func__", None) is type(module).forward:
             del module.forward  # the class's own forward, which the registry had bound to the instance
-
-
-def _pass_args(_module, *args, **kwargs):
-    return args, kwargs
-
-
-def _pass_output(_module, output):
-    return output

@@ -79,9 +79,8 @@ def rank_if_launched(config) -> int | None:
     rv = from_env()
     if rv.world_size != config.world_size:
         raise ValueError(
-            f"world size: torchrun started {rv.world_size} processes but model_n + stride - 1 = "
-            f"{config.model_n} + {config.stride} - 1 = {config.world_size}; launch with "
-            f"--nproc_per_node={config.world_size}"
+            f"world size: torchrun started {rv.world_size} processes but this configuration needs "
+            f"model_n + stride - 1 = {config.world_size}; launch with --nproc_per_node={config.world_size}"
         )
     return rv.rank
 

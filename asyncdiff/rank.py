@@ -22,24 +22,26 @@ class RankStep:
         self.rank = rank
         self.units_of = units_of  # component -> frozenset of its units
         self.transport = transport
-        self.kind = transport.kind
+        self.kind = transport.kind if transport is not None else "shm"
         self.plan: ExchangePlan | None = None
         self.cache: dict = {}  # unit -> (spec, tensors): what this rank replays
         self.slots: Slots | None = None
         self.seq = 0  # transport events so far (alike on every rank)
         self.synced_seq = -1  # the event that last delivered the owners' outputs
 
-    def step(self, call, k: int, run):
-        plan = call.schedule.plan(self.rank, k)
+    def begin(self, call, k: int) -> list:
+        self._plan = plan = call.schedule.plan(self.rank, k)
         if plan.sync and self.synced_seq != self.seq:
             # the owners' outputs arrive at the event that ends the call before a sync
             raise RuntimeError("AsyncDiff: a sync with nothing exchanged before it (schedule out of step)")
         if plan.warmup:
-            p = Pass(self.rank, None, plan.store, {}, False)
-        else:
-            c = plan.compute_component
-            p = Pass(self.rank, self.units_of[c] if c >= 0 else frozenset(), plan.store, self.cache, True)
-        out = run(p, plan.timestep_index)
+            return [Pass(self.rank, None, plan.store, {}, False, plan.timestep_index)]
+        c = plan.compute_component
+        return [Pass(self.rank, self.units_of[c] if c >= 0 else frozenset(), plan.store, self.cache, True,
+                     plan.timestep_index)]
+
+    def finish(self, call, k: int, passes: list, outs: list):
+        plan, p, out = self._plan, passes[0], outs[0]
         if plan.store:
             stored = {u: (spec, [t.contiguous() for t in ts]) for u, (spec, ts) in p.stores.items()}
             if plan.warmup:

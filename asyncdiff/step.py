@@ -27,13 +27,15 @@ class Pass:
 
     compute: the units computed, or None for every unit (warm-up); the others
     replay ``cache``.  store: computed units record their outputs in
-    ``stores``.  count: the units that ran are counted (asynchronous phase)."""
+    ``stores``.  count: the units that ran are counted (asynchronous phase).
+    tidx: the forward's timestep argument is T[tidx]."""
 
     rank: int
     compute: frozenset | None
     store: bool
     cache: dict
     count: bool
+    tidx: int  # the timestep argument is T[tidx]
     stores: dict = field(default_factory=dict)
     ran: list = field(default_factory=list)
 
@@ -107,33 +109,51 @@ def _shapes(bound: inspect.BoundArguments, skip: str) -> tuple:
 class Loop:
     """The body of the denoiser hook (see the module docstring).
 
-    mode: ``Emulation`` or ``RankStep``; ``prepare`` runs once, at the first
-    call, when the inputs' shapes are known (the automatic split, the exchange
-    plan); ``step(call, k, run)`` does call k."""
+    mode: ``Emulation`` or ``RankStep``.  ``begin(call, k)`` gives the passes
+    of call k (one forward each), ``finish(call, k, passes, outputs)`` the
+    denoiser output after them.  ``prepare(forward, bound)`` runs once, at
+    the first call, when the inputs' shapes are known (the automatic split,
+    the exchange plan).
 
-    def __init__(self, config, pipeline, denoiser, state, prepare, mode):
+    Under ``torch.compile`` only the denoiser's own forward is compiled: this
+    frame is skipped, and the bookkeeping before and after the forwards
+    (``_begin``, ``_finish``) is never traced."""
+
+    def __init__(self, config, pipeline, denoiser, state, prepare, mode, counts):
         self.config = config
         self.pipeline = pipeline
         self.signature, self.t_name = timestep_name(denoiser)
         self.state = state
         self.prepare = prepare
         self.mode = mode
+        self.counts = counts  # collections.Counter of (rank, unit)
         self.call: Call | None = None
-        self.counts = None  # collections.Counter of (rank, unit), set by the owner
-        self.warm_up = config.warm_up
 
     def reset(self):
         self.call = None
 
     @torch.compiler.disable(recursive=False)
     def __call__(self, forward, args, kwargs):
+        call, k, runs = self._begin(forward, args, kwargs)
+        outs = []
+        for p, a, kw in runs:
+            self.state.current = p
+            try:
+                outs.append(forward(*a, **kw))
+            finally:
+                self.state.current = None
+        return self._finish(call, k, [p for p, _, _ in runs], outs)
+
+    @torch.compiler.disable
+    def _begin(self, forward, args, kwargs):
+        """The call's state, k, and the forwards to run: (pass, args, kwargs)."""
         bound = self.signature.bind(*args, **kwargs)
         t = bound.arguments[self.t_name]
         source = getattr(self.pipeline.scheduler, "timesteps", None)
         call = self.call
         if call is None or source is not call.source or call.k >= call.steps:
             timesteps = locate_timesteps(self.pipeline.scheduler, t)
-            schedule = _core.Schedule(self.config.model_n, self.config.stride, self.warm_up,
+            schedule = _core.Schedule(self.config.model_n, self.config.stride, self.config.warm_up,
                                       int(self.config.time_shift), len(timesteps))
             call = self.call = Call(source, timesteps, schedule, _shapes(bound, self.t_name))
         k = call.k
@@ -141,7 +161,15 @@ class Loop:
         if self.prepare is not None:
             self.prepare(forward, bound)
             self.prepare = None
-        out = self.mode.step(call, k, lambda p, tidx: self.run(forward, bound, p, call, tidx))
+        return call, k, [(p, *self._arguments(bound, call, k, p.tidx)) for p in self.mode.begin(call, k)]
+
+    @torch.compiler.disable
+    def _finish(self, call: Call, k: int, passes: list, outs: list):
+        for p in passes:
+            if p.count:
+                for unit in p.ran:
+                    self.counts[(p.rank, unit)] += 1
+        out = self.mode.finish(call, k, passes, outs)
         call.k += 1
         return out
 
@@ -168,26 +196,16 @@ class Loop:
                 "classifier-free-guidance recipe, cannot be combined with AsyncDiff)"
             )
 
-    def run(self, forward, bound, p: Pass, call: Call, tidx: int):
-        """One forward of the original denoiser with the blocks doing what
-        ``p`` says and the timestep argument T[tidx]."""
-        args, kwargs = bound.args, bound.kwargs
-        if tidx != call.k:
-            t = bound.arguments[self.t_name]
-            new_t = call.timesteps[tidx]
-            if isinstance(t, torch.Tensor):
-                new_t = new_t.to(device=t.device, dtype=t.dtype).expand(t.shape)
-            else:
-                new_t = type(t)(new_t.item())
-            b = self.signature.bind(*args, **kwargs)
-            b.arguments[self.t_name] = new_t
-            args, kwargs = b.args, b.kwargs
-        self.state.current = p
-        try:
-            out = forward(*args, **kwargs)
-        finally:
-            self.state.current = None
-        if p.count:
-            for unit in p.ran:
-                self.counts[(p.rank, unit)] += 1
-        return out
+    def _arguments(self, bound, call: Call, k: int, tidx: int):
+        """The forward's (args, kwargs) with the timestep argument T[tidx]."""
+        if tidx == k:
+            return bound.args, bound.kwargs
+        t = bound.arguments[self.t_name]
+        new_t = call.timesteps[tidx]
+        if isinstance(t, torch.Tensor):
+            new_t = new_t.to(device=t.device, dtype=t.dtype).expand(t.shape)
+        else:
+            new_t = type(t)(new_t.item())
+        b = self.signature.bind(*bound.args, **bound.kwargs)
+        b.arguments[self.t_name] = new_t
+        return b.args, b.kwargs

@@ -28,6 +28,7 @@ def run(config: dict, pipe, rank: int):
                 os._exit(3)
             return cb_kwargs
         kwargs["callback_on_step_end"] = stop
+    pipe.set_progress_bar_config(disable=False)  # as a user has it; AsyncDiff keeps rank 0's alone
     ad = AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], warm_up=config["warm_up"],
                    time_shift=config.get("time_shift", False), split=config.get("split"),
                    timeout=config.get("timeout", 60.0))
@@ -36,9 +37,11 @@ def run(config: dict, pipe, rank: int):
         for _ in range(config.get("repeat", 1)):
             out = pipe(**kwargs, generator=torch.Generator().manual_seed(config.get("seed", 0)))
             results.append(out.images if hasattr(out, "images") else out.frames)
-        return {"latents": results, "counts": dict(ad.counts), "split": str(ad.split)}
+        progress = dict(getattr(pipe, "_progress_bar_config", {}))
+        return {"latents": results, "counts": dict(ad.counts), "split": str(ad.split), "progress": progress}
     finally:
         ad.remove()
+        assert not getattr(pipe, "_progress_bar_config", {}).get("disable"), "progress bar not restored"
 
 
 def main():
