@@ -38,7 +38,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncdiff import AsyncDiff, _core, tiny, transport
+from asyncdiff import AsyncDiff, _core, transport
+from asyncdiff.testing import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS_C = ROOT / "csrc" / "tests"
