@@ -16,12 +16,7 @@ ARCHS = ("sd15", "sd21", "sdxl")
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ def denoiser_call(arch_name, dtype=torch.float32):
     return den, *seen["call"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch_name", ["sd15", "sdxl", "svd"])
