@@ -2,6 +2,13 @@
 
 Reads a JSON list of configurations, runs each with AsyncDiff over the shm
 transport and saves the latents and block-execution counts per rank.
+
+A configuration may name a ``world`` smaller than the launch: the ranks below
+it run it as a launch of that size would (``WORLD_SIZE`` and
+``LOCAL_WORLD_SIZE`` set to it), the others skip it, keeping their count of
+AsyncDiff instances in step.  Configurations come in decreasing world size,
+so a rank that skips one has no more to run, and one start of the processes
+serves every world size.
 """
 
 import json
@@ -13,7 +20,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from asyncdiff import AsyncDiff  # noqa: E402
+from asyncdiff import AsyncDiff, transport  # noqa: E402
 from asyncdiff.testing import tiny  # noqa: E402
 
 
@@ -48,13 +55,24 @@ def main():
     configs = json.load(open(sys.argv[1]))
     outdir = sys.argv[2]
     rank = int(os.environ["RANK"])
-    if any(cfg.get("init_process_group") for cfg in configs):
-        # the user's own process group must not get in the way
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
+    launched = int(os.environ["WORLD_SIZE"])
+    worlds = [cfg.get("world", launched) for cfg in configs]
+    assert worlds == sorted(worlds, reverse=True) and worlds[0] <= launched, worlds
     pipes = {}
-    for cfg in configs:
+    for cfg, world in zip(configs, worlds):
+        if rank >= world:
+            transport.next_instance()  # as the ranks that run it do
+            print(f"{cfg['id']}: not in its world of {world}", flush=True)
+            continue
+        os.environ["WORLD_SIZE"] = os.environ["LOCAL_WORLD_SIZE"] = str(world)
+        if cfg.get("init_process_group"):
+            # the user's own process group (of this world) must not get in the way
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                if "port" in cfg:
+                    os.environ["MASTER_PORT"] = str(cfg["port"])
+                dist.init_process_group("gloo")
         arch = cfg["arch"]
         start = time.perf_counter()
         if arch not in pipes:

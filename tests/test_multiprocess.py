@@ -1,10 +1,12 @@
 """Real rank processes over the shared-memory transport equal the emulation.
 
-One launch per world size runs every configuration of that size (SD 1.x,
-SD 2.x and SDXL topologies with the paper preset and the auto split; the
+One launch of the largest world runs every world size's configurations, the
+largest first (see mp_worker.py): this starts the processes once.  They cover (SD 1.x, SD 2.x and
+SDXL topologies with the paper preset, one of them with the auto split; the
 img2img, inpainting, ControlNet, upscaler, SVD, AnimateDiff and SD3 pipelines
-with their default split; stride 1 and 2) in the same processes, which also checks that AsyncDiff can be attached,
-removed and attached again.  The emulation of each configuration runs here,
+with their default split, spread over the small shapes; stride 1 and 2) in the
+same processes, which also checks that AsyncDiff can be attached, removed and
+attached again.  The emulation of each configuration runs here,
 in this process, on an identically built pipeline.
 
 Latents must be bitwise equal: every rank runs the same CPU kernels with one
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from asyncdiff import AsyncDiff
-from asyncdiff.testing import tiny
+from asyncdiff.testing import ranks, tiny
 
 import mp
 
@@ -31,15 +33,29 @@ STEPS = 5
 
 
 def configs_for(world: int) -> list[dict]:
+    """The configurations one launch of `world` processes runs.
+
+    Every SD topology runs the paper preset at every shape; the auto split
+    rotates over the SD topologies (one per shape, each at least once), and the
+    other pipeline families are spread over the shapes with at most 3
+    components (two per shape, each family once), so each family, split and
+    shape is covered without running the full cross product.
+    """
+    all_shapes = [shape for w in sorted(SHAPES) for shape in SHAPES[w]]
+    small = [shape for shape in all_shapes if shape[0] <= 3]
+    per_small = -(-len(OTHER_ARCHS) // len(small))
     out = []
     for n, stride in SHAPES[world]:
-        runs = [(arch, split) for arch in SD_ARCHS for split in ("paper", "auto")]
-        if n <= 3:
-            runs += [(arch, None) for arch in OTHER_ARCHS]
+        index = all_shapes.index((n, stride))
+        runs = [(arch, "paper") for arch in SD_ARCHS]
+        runs.append((SD_ARCHS[index % len(SD_ARCHS)], "auto"))
+        if (n, stride) in small:
+            at = small.index((n, stride)) * per_small
+            runs += [(arch, None) for arch in OTHER_ARCHS[at:at + per_small]]
         for i, (arch, split) in enumerate(runs):
             time_shift = i % 2 == 1  # both values over the set
             warm = 2 if stride == 2 and arch == "sd21" else 1  # an even warm-up once per size
-            out.append(dict(id=f"{arch}-n{n}s{stride}-{split}", arch=arch, model_n=n, stride=stride,
+            out.append(dict(id=f"{arch}-n{n}s{stride}-{split}", world=world, arch=arch, model_n=n, stride=stride,
                             warm_up=warm, time_shift=time_shift, split=split, steps=STEPS,
                             repeat=2 if arch == "sd15" else 1, timeout=120.0,
                             # the 2-process run also has the user's own process group
@@ -47,11 +63,23 @@ def configs_for(world: int) -> list[dict]:
     return out
 
 
-def shm_entries():
+def test_every_family_split_and_shape_is_covered():
+    configs = [c for w in SHAPES for c in configs_for(w)]
+    assert {c["arch"] for c in configs} == set(SD_ARCHS) | set(OTHER_ARCHS)
+    assert {(c["arch"], c["split"]) for c in configs} >= {(a, s) for a in SD_ARCHS for s in ("paper", "auto")}
+    assert {(c["model_n"], c["stride"]) for c in configs} == {s for v in SHAPES.values() for s in v}
+    assert {c["time_shift"] for c in configs} == {False, True}
+
+
+def shm_left(pids) -> set:
+    """Segments in /dev/shm created by one of the processes ``pids`` (their
+    names carry the creator's pid), so that other tests running at the same
+    time do not count."""
     try:
-        return {e for e in os.listdir("/dev/shm") if e.startswith("asyncdiff")}
+        names = os.listdir("/dev/shm")
     except FileNotFoundError:
         return set()
+    return {e for e in names if any(e.startswith(f"asyncdiff-{pid}-") for pid in pids)}
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +110,21 @@ def emulate(pipe, cfg):
         torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4, 5])
-def test_processes_equal_emulation(pipes, tmp_path, world):
-    before = shm_entries()
-    configs = configs_for(world)
-    results = mp.launch(world, configs, tmp_path)
+def test_processes_equal_emulation(pipes, tmp_path):
+    configs = [cfg for world in sorted(SHAPES, reverse=True) for cfg in configs_for(world)]
+    port = ranks.free_port()  # the world-2 runs' own process group
+    for cfg in configs:
+        if cfg["init_process_group"]:
+            cfg["port"] = port
+    pids = []
+    results = mp.launch(max(SHAPES), configs, tmp_path, pids=pids)
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{log[-3000:]}"
-    assert shm_entries() <= before, "shared-memory segments left behind"
+    assert not shm_left(pids), "shared-memory segments left behind"
     for cfg in configs:
+        world = cfg["world"]
         expected, ad = emulate(pipes(cfg["arch"]), cfg)
+        assert not (tmp_path / f"{cfg['id']}.rank{world}.pt").exists(), "a rank outside the world ran"
         for rank in range(world):
             got = torch.load(tmp_path / f"{cfg['id']}.rank{rank}.pt", weights_only=False)
             assert got["split"] == str(ad.split), cfg["id"]
@@ -117,13 +150,13 @@ def test_wrong_world_size_fails_on_every_rank(tmp_path):
 
 
 def test_a_rank_that_dies_makes_the_others_fail_fast(tmp_path):
-    before = shm_entries()
     cfg = [dict(id="die", arch="sd15", model_n=2, stride=1, warm_up=1, steps=8, timeout=60.0,
                 die={"rank": 1, "step": 3})]
-    results = mp.launch(2, cfg, tmp_path)
+    pids = []
+    results = mp.launch(2, cfg, tmp_path, pids=pids)
     assert results[1][0] == 3
     code, log = results[0]
     assert code != 0
     assert re.search(r"rank 1", log) and "AsyncDiffError" in log, log[-2000:]
     assert "Timeout" not in log  # noticed as gone, not waited out
-    assert shm_entries() <= before
+    assert not shm_left(pids)

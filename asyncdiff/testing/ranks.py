@@ -52,6 +52,7 @@ class RankResult:
     rank: int
     returncode: int | None  # None: stopped for lack of progress
     output: str
+    pid: int  # the process's id (shared-memory segment names carry their creator's)
 
 
 def run(argv: list, world: int, *, threads: int = 1, silence: float = 600.0, env: dict | None = None,
@@ -78,7 +79,7 @@ def run(argv: list, world: int, *, threads: int = 1, silence: float = 600.0, env
         for rank, (proc, log) in enumerate(zip(procs, logs)):
             log.seek(0)
             results.append(RankResult(rank, None if stopped and proc.returncode in (None, -9) else proc.returncode,
-                                      log.read()))
+                                      log.read(), proc.pid))
         return results
     finally:
         for proc in procs:
