@@ -9,6 +9,10 @@ split and the per-rank block counts.  The multi-process tests prove every
 rank equals the emulation, so equal emulation outputs mean equal outputs on
 every rank.
 
+The default run checks a subset (the default split of every SD shape, every
+other family at N = 2), which keeps the suite short; ``ASYNCDIFF_REFERENCE=full``
+checks every recorded case.
+
 Float results are only reproducible on the same kernels: when this machine's
 torch version or CPU capability differs from the recording's, the outputs
 are compared with a tight tolerance instead, and the test says so.
@@ -44,6 +48,15 @@ def cases():
     return out
 
 
+def checked(case) -> bool:
+    """Whether the default run checks this case (all of them with ASYNCDIFF_REFERENCE=full)."""
+    if os.environ.get("ASYNCDIFF_REFERENCE") == "full":
+        return True
+    if case["arch"] in ("sd15", "sd21", "sdxl", "sd3"):
+        return case["split"] is None
+    return case["model_n"] == 2
+
+
 def key(case) -> str:
     return "{arch}-n{model_n}s{stride}-{split}-w{warm_up}-ts{time_shift:d}".format(**case)
 
@@ -65,12 +78,12 @@ def run(pipe, case):
         ad.remove()
 
 
-def produce() -> dict:
+def produce(select=lambda case: True) -> dict:
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pipes, results = {}, {}
-        for case in cases():
+        for case in filter(select, cases()):
             if case["arch"] not in pipes:
                 pipes[case["arch"]] = tiny.build_pipeline(case["arch"], seed=0)
             results[key(case)] = run(pipes[case["arch"]], case)
@@ -88,10 +101,11 @@ def test_record():
 def test_outputs_equal_the_recording():
     recorded = torch.load(DATA, weights_only=False)
     same_kernels = recorded["fingerprint"] == fingerprint()
-    now = produce()
-    assert now.keys() == recorded["results"].keys()
-    for name, want in recorded["results"].items():
-        got = now[name]
+    assert set(recorded["results"]) == {key(case) for case in cases()}
+    now = produce(checked)
+    assert now and set(now) <= set(recorded["results"])
+    for name, got in now.items():
+        want = recorded["results"][name]
         assert got["split"] == want["split"], name
         assert got["counts"] == want["counts"], name
         if same_kernels:
