@@ -1,4 +1,7 @@
-"""Test configuration shared by the whole suite: markers and shared fixtures."""
+"""Test configuration shared by the whole suite: markers, the number of
+pytest-xdist workers and shared fixtures."""
+
+import os
 
 import pytest
 import torch
@@ -9,6 +12,13 @@ def pytest_configure(config):
         "markers",
         "gpu: needs a CUDA GPU (and NCCL for the NCCL tests); skipped with the reason when there is none",
     )
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may run on, at most 4 (the
+    multi-process tests start up to 5 rank processes of their own)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4))
 
 
 @pytest.fixture

@@ -124,8 +124,8 @@ def test_real_config_is_the_shipped_file(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_pipeline_builds_offline(arch):
-    before = set(os.listdir(tempfile.gettempdir()))
+def test_pipeline_builds_offline(arch, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's temporary files only
     pipe = cached_pipe(arch)
     assert type(pipe).__name__ == PIPELINE_CLASS[arch]
     assert type(pipe.scheduler).__name__ == SCHEDULER_CLASS.get(arch, "DDIMScheduler")
@@ -141,7 +141,7 @@ def test_pipeline_builds_offline(arch):
             got = list(denoiser.config[key]) if isinstance(denoiser.config[key], tuple) else denoiser.config[key]
             assert got == want, key
     # the temporary tokenizer files are gone
-    leftovers = {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("asyncdiff_tok_")}
+    leftovers = {d for d in os.listdir(tmp_path) if d.startswith("asyncdiff_tok_")}
     assert not leftovers
 
 
