@@ -28,6 +28,7 @@ CORE_SOURCES = [
     "csrc/schedule.c",
     "csrc/shm.c",
     "csrc/shm_data.c",
+    "csrc/shm_live.c",
     "csrc/gpu.c",
     "csrc/nccl.c",
 ]

@@ -7,9 +7,9 @@ at the same time after ``warm_up`` steps.  Launched with
 without torchrun one process plays every rank in turn (emulation).
 """
 
-from ._core import AsyncDiffError
+from ._core import AsyncDiffError, AsyncDiffPeerError
 from ._version import __version__
 from .attach import AsyncDiff
 from .config import AsyncDiffConfig
 
-__all__ = ["AsyncDiff", "AsyncDiffConfig", "AsyncDiffError", "__version__"]
+__all__ = ["AsyncDiff", "AsyncDiffConfig", "AsyncDiffError", "AsyncDiffPeerError", "__version__"]

@@ -24,15 +24,21 @@ void raise_status(core_state *st, ad_status s, const ad_err *err)
     case AD_ENOMEM: exc_type = PyExc_MemoryError; break;
     case AD_ETIMEDOUT: exc_type = PyExc_TimeoutError; break;
     case AD_EIO: exc_type = PyExc_OSError; break;
+    case AD_EPEERGONE:
+        exc_type = (st != NULL && st->peer_error != NULL) ? st->peer_error
+                   : (st != NULL && st->error != NULL) ? st->error : PyExc_RuntimeError;
+        break;
     default:
         exc_type = (st != NULL && st->error != NULL) ? st->error : PyExc_RuntimeError;
         break;
     }
 
-    if (arg != NULL && strstr(text, arg) == NULL)
-        msg = PyUnicode_FromFormat("%s: %s", arg, text);
-    else
-        msg = PyUnicode_FromString(text);
+    /* Messages may carry text from another process (a peer's error record)
+     * or be cut mid-character by the record's size: never let decoding
+     * them be the error. */
+    msg = PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "replace");
+    if (msg != NULL && arg != NULL && strstr(text, arg) == NULL)
+        Py_SETREF(msg, PyUnicode_FromFormat("%s: %U", arg, msg));
     if (msg == NULL)
         goto error;
 
@@ -52,6 +58,13 @@ void raise_status(core_state *st, ad_status s, const ad_err *err)
     attr = (arg != NULL) ? PyUnicode_FromString(arg) : Py_NewRef(Py_None);
     if (attr == NULL || PyObject_SetAttrString(exc, "argument", attr) < 0)
         goto error;
+    if (s == AD_EPEERGONE) {
+        /* The peer's rank when the core knows it (AsyncDiffPeerError.rank). */
+        Py_CLEAR(attr);
+        attr = (err != NULL && err->peer >= 0) ? PyLong_FromLong(err->peer) : Py_NewRef(Py_None);
+        if (attr == NULL || PyObject_SetAttrString(exc, "rank", attr) < 0)
+            goto error;
+    }
 
     PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
     /* fall through: the references below are ours either way */

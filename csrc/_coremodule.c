@@ -1,8 +1,9 @@
 /*
  * _coremodule.c -- the module asyncdiff._core: its definition and PEP 489
- * multi-phase initialisation (the exec slot makes AsyncDiffError and the
- * heap types of _schedule_type.c, _shm_type.c and _nccl_type.c, kept in
- * the module state), and its module-level functions.
+ * multi-phase initialisation (the exec slot makes AsyncDiffError,
+ * AsyncDiffPeerError and the heap types of _schedule_type.c, _shm_type.c
+ * and _nccl_type.c, kept in the module state), and its module-level
+ * functions.
  *
  * The core itself is plain C that returns an ad_status; _convert.c holds
  * the argument converters and raise_status (see _coremodule.h).
@@ -279,6 +280,49 @@ PyDoc_STRVAR(error_doc,
 "memory, timeout or OS error (for example a peer process that went away).\n"
 "Attributes: status (short status name), argument (name or None).");
 
+PyDoc_STRVAR(peer_error_doc,
+"AsyncDiffPeerError(*args, rank=None)\n--\n\n"
+"Another rank died, left or failed (its error message, when it left one,\n"
+"is in this one's).  Attribute rank: that rank, or None when unknown.");
+
+/* AsyncDiffPeerError.__init__: BaseException's, plus the keyword `rank`
+ * (None or an int), so that Python code can raise it like the core does. */
+static int peer_error_init(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *rank = Py_None;
+
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        rank = PyDict_GetItemString(kwargs, "rank"); /* borrowed */
+        if (rank == NULL || PyDict_GET_SIZE(kwargs) != 1) {
+            PyErr_SetString(PyExc_TypeError,
+                            "AsyncDiffPeerError() takes no keyword arguments but rank");
+            return -1;
+        }
+        if (rank != Py_None && (PyBool_Check(rank) || !PyLong_Check(rank))) {
+            PyErr_Format(PyExc_TypeError, "rank must be an int or None, not %.200s",
+                         Py_TYPE(rank)->tp_name);
+            return -1;
+        }
+    }
+    if (((PyTypeObject *)PyExc_BaseException)->tp_init(self, args, NULL) < 0)
+        return -1;
+    return PyObject_SetAttrString(self, "rank", rank);
+}
+
+static PyType_Slot peer_error_slots[] = {
+    {Py_tp_init, peer_error_init},
+    {Py_tp_doc, (void *)peer_error_doc},
+    {0, NULL},
+};
+
+static PyType_Spec peer_error_spec = {
+    .name = "asyncdiff._core.AsyncDiffPeerError",
+    .basicsize = 0,
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = peer_error_slots,
+};
+
 static int core_exec(PyObject *module)
 {
     core_state *st = ad_module_state(module);
@@ -289,6 +333,10 @@ static int core_exec(PyObject *module)
                                           PyExc_RuntimeError, NULL);
     if (st->error == NULL || PyModule_AddObjectRef(module, "AsyncDiffError", st->error) < 0)
         goto error;
+    st->peer_error = PyType_FromModuleAndSpec(module, &peer_error_spec, st->error);
+    if (st->peer_error == NULL ||
+        PyModule_AddObjectRef(module, "AsyncDiffPeerError", st->peer_error) < 0)
+        goto error;
     if (add_type(module, &ad_schedule_spec, &st->schedule_type) < 0)
         goto error;
     st->plan_type = PyStructSequence_NewType(&ad_plan_desc);
@@ -297,7 +345,10 @@ static int core_exec(PyObject *module)
     if (add_type(module, &ad_shm_spec, &st->shm_type) < 0 ||
         add_type(module, &ad_nccl_spec, &st->nccl_type) < 0)
         goto error;
-    if (PyModule_AddIntConstant(module, "NCCL_UNIQUE_ID_BYTES", AD_NCCL_UNIQUE_ID_BYTES) < 0)
+    if (PyModule_AddIntConstant(module, "NCCL_UNIQUE_ID_BYTES", AD_NCCL_UNIQUE_ID_BYTES) < 0 ||
+        PyModule_AddIntConstant(module, "SHM_MAX_RECORD", AD_SHM_MAX_RECORD) < 0 ||
+        PyModule_AddIntConstant(module, "SHM_MAX_ERROR", AD_SHM_MAX_ERROR) < 0 ||
+        PyModule_AddIntConstant(module, "SHM_BEAT_MS", AD_SHM_BEAT_MS) < 0)
         goto error;
     return 0;
 error:
@@ -310,6 +361,7 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg)
 {
     core_state *st = ad_module_state(module);
     Py_VISIT(st->error);
+    Py_VISIT(st->peer_error);
     Py_VISIT(st->schedule_type);
     Py_VISIT(st->plan_type);
     Py_VISIT(st->shm_type);
@@ -321,6 +373,7 @@ static int core_clear(PyObject *module)
 {
     core_state *st = ad_module_state(module);
     Py_CLEAR(st->error);
+    Py_CLEAR(st->peer_error);
     Py_CLEAR(st->schedule_type);
     Py_CLEAR(st->plan_type);
     Py_CLEAR(st->shm_type);

@@ -32,6 +32,7 @@
  * their type (see ad_state_of). */
 typedef struct {
     PyObject *error;             /* asyncdiff._core.AsyncDiffError */
+    PyObject *peer_error;        /* AsyncDiffPeerError(AsyncDiffError) */
     PyTypeObject *schedule_type; /* Schedule */
     PyTypeObject *plan_type;     /* Plan (struct sequence) */
     PyTypeObject *shm_type;      /* ShmTransport */
@@ -77,10 +78,11 @@ static inline int ad_transport_usable(const void *handle, int busy, const char *
  * Raise the Python exception for a failed core call (the only place that
  * turns an ad_status into an exception): AD_ETYPE -> TypeError, AD_EINVAL ->
  * ValueError, AD_ENOMEM -> MemoryError, AD_ETIMEDOUT -> TimeoutError, AD_EIO
- * -> OSError (subclass chosen by errno), anything else -> st->error
- * (AsyncDiffError; RuntimeError when st or st->error is NULL).  The message
- * always names the argument the core named; the exception carries `status`
- * and `argument` attributes.
+ * -> OSError (subclass chosen by errno), AD_EPEERGONE -> st->peer_error
+ * (AsyncDiffPeerError, with `rank` = ad_err.peer or None), anything else ->
+ * st->error (AsyncDiffError; RuntimeError when st or st->error is NULL).
+ * The message always names the argument the core named; the exception
+ * carries `status` and `argument` attributes.
  */
 void raise_status(core_state *st, ad_status s, const ad_err *err);
 

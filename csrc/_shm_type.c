@@ -4,6 +4,8 @@
  *
  * Buffers come in through the buffer protocol (NumPy views of tensors), so
  * a wrong size or a read-only buffer is an exception, never a stray write.
+ * fail() and busy() map to ad_shm_fail / ad_shm_set_busy (error records and
+ * the heartbeat, docs/design.md §5.1, §8).
  * Every wait and copy runs with the GIL released; `busy` keeps a second
  * thread from detaching the handle while the first one is inside the C
  * transport without the GIL.
@@ -12,6 +14,7 @@
 
 #include <limits.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "shm.h"
 
@@ -75,41 +78,71 @@ static void shm_dealloc(PyObject *op)
     Py_DECREF(tp);
 }
 
-/* publish(seq, items, timeout) and fetch(seq, src, items, timeout), both
- * positional only, share this. */
+/* An event tag: an int in [0, 2**64) (pipeline call << 32 | denoiser call
+ * k, by convention).  Not bool. */
+static int conv_tag(PyObject *obj, void *out)
+{
+    PyObject *index;
+    unsigned long long v;
+
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "tag must be an int, not %.200s", Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    index = PyNumber_Index(obj);
+    if (index == NULL)
+        return 0;
+    v = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError) ||
+            PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "tag is out of range (must fit in [0, 2**64))");
+        }
+        return 0;
+    }
+    *(uint64_t *)out = (uint64_t)v;
+    return 1;
+}
+
+/* publish(seq, items, timeout, tag=0) and fetch(seq, src, items, timeout,
+ * tag=0) share this: the first arguments positional only, tag positional
+ * or keyword. */
 static PyObject *shm_move(PyObject *op, PyObject *args, PyObject *kwargs, int fetch)
 {
-    static char *publish_kwlist[] = {"", "", "", NULL};
-    static char *fetch_kwlist[] = {"", "", "", "", NULL};
+    static char *publish_kwlist[] = {"", "", "", "tag", NULL};
+    static char *fetch_kwlist[] = {"", "", "", "", "tag", NULL};
     ShmObject *self = (ShmObject *)op;
     ad_int_arg seq = {"seq", 1, LLONG_MAX, 0};
     ad_int_arg src = {"src", INT_MIN, INT_MAX, -1};
     ad_shm_items_arg items = {fetch, NULL, NULL, 0};
     ad_seconds_arg timeout = {"timeout", 0.0};
+    uint64_t tag = 0;
     PyObject *result = NULL;
     ad_err err = {0};
     ad_status s;
     int parsed;
 
     if (fetch)
-        parsed = PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&:fetch", fetch_kwlist,
+        parsed = PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&O&|O&:fetch", fetch_kwlist,
                                              ad_conv_int, &seq, ad_conv_int, &src,
                                              ad_conv_shm_items, &items, ad_conv_seconds,
-                                             &timeout);
+                                             &timeout, conv_tag, &tag);
     else
-        parsed = PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&:publish", publish_kwlist,
+        parsed = PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&O&|O&:publish", publish_kwlist,
                                              ad_conv_int, &seq, ad_conv_shm_items, &items,
-                                             ad_conv_seconds, &timeout);
+                                             ad_conv_seconds, &timeout, conv_tag, &tag);
     if (!parsed || shm_usable(self) < 0)
         goto error;
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     if (fetch)
-        s = ad_shm_fetch(self->handle, (uint64_t)seq.value, (int)src.value, items.items,
+        s = ad_shm_fetch(self->handle, (uint64_t)seq.value, (int)src.value, tag, items.items,
                          (size_t)items.n, timeout.value, &err);
     else
-        s = ad_shm_publish(self->handle, (uint64_t)seq.value, items.items, (size_t)items.n,
-                           timeout.value, &err);
+        s = ad_shm_publish(self->handle, (uint64_t)seq.value, tag, items.items,
+                           (size_t)items.n, timeout.value, &err);
     Py_END_ALLOW_THREADS
     self->busy = 0;
     if (s != AD_OK) {
@@ -177,6 +210,109 @@ static PyObject *shm_reserve(PyObject *op, PyObject *args, PyObject *kwargs)
     return shm_collective(op, args, kwargs, 1);
 }
 
+/* allgather(record, timeout) -> list of bytes, one per rank. */
+static PyObject *shm_allgather(PyObject *op, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"", "", NULL};
+    ShmObject *self = (ShmObject *)op;
+    ad_seconds_arg timeout = {"timeout", 0.0};
+    Py_buffer rec = {0};
+    unsigned char mine[AD_SHM_MAX_RECORD];
+    unsigned char *all = NULL;
+    size_t lens[AD_SHM_MAX_WORLD];
+    size_t n;
+    PyObject *obj, *result = NULL;
+    ad_err err = {0};
+    ad_status s;
+    int world;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO&:allgather", kwlist, &obj,
+                                     ad_conv_seconds, &timeout))
+        return NULL;
+    if (PyUnicode_Check(obj) || PyObject_GetBuffer(obj, &rec, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "record must be bytes (at most %d of them), not %.200s",
+                     AD_SHM_MAX_RECORD, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (rec.len > AD_SHM_MAX_RECORD) {
+        PyErr_Format(PyExc_ValueError, "record must be at most %d bytes, got %zd",
+                     AD_SHM_MAX_RECORD, rec.len);
+        PyBuffer_Release(&rec);
+        return NULL;
+    }
+    n = (size_t)rec.len;
+    memcpy(mine, rec.buf, n); /* our own copy: read without the GIL */
+    PyBuffer_Release(&rec);
+    if (shm_usable(self) < 0)
+        return NULL;
+    world = ad_shm_world(self->handle);
+    all = PyMem_Malloc((size_t)world * AD_SHM_MAX_RECORD);
+    if (all == NULL)
+        return PyErr_NoMemory();
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    s = ad_shm_allgather(self->handle, mine, n, all, lens, timeout.value, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (s != AD_OK) {
+        raise_status(ad_state_of(op), s, &err);
+        goto done;
+    }
+    result = PyList_New(world);
+    if (result == NULL)
+        goto done;
+    for (int r = 0; r < world; r++) {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)all + (size_t)r * AD_SHM_MAX_RECORD,
+                                                (Py_ssize_t)lens[r]);
+        if (b == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, r, b);
+    }
+done:
+    PyMem_Free(all);
+    return result;
+}
+
+/* fail(message): mark this rank failed, leaving `message` for its peers.
+ * A detached handle ignores it (error paths may call it late). */
+static PyObject *shm_fail(PyObject *op, PyObject *msg_obj)
+{
+    ShmObject *self = (ShmObject *)op;
+    ad_str_arg message = {"message", NULL};
+
+    if (!ad_conv_str(msg_obj, &message))
+        return NULL;
+    if (self->handle == NULL)
+        Py_RETURN_NONE;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "transport is in use by another thread");
+        return NULL;
+    }
+    ad_shm_fail(self->handle, message.value);
+    Py_RETURN_NONE;
+}
+
+/* busy(flag): this rank is (True) or is not (False) inside a call: its
+ * heartbeat runs while it is.  Any thread; a detached handle ignores it. */
+static PyObject *shm_set_busy(PyObject *op, PyObject *flag_obj)
+{
+    ShmObject *self = (ShmObject *)op;
+    ad_flag_arg flag = {"flag", 0};
+
+    if (!ad_conv_flag(flag_obj, &flag))
+        return NULL;
+    if (flag.value != 0 && flag.value != 1) {
+        PyErr_Format(PyExc_ValueError, "flag must be True or False, got %d", flag.value);
+        return NULL;
+    }
+    if (self->handle != NULL)
+        ad_shm_set_busy(self->handle, flag.value);
+    Py_RETURN_NONE;
+}
+
 static PyObject *shm_ack(PyObject *op, PyObject *seq_obj)
 {
     ShmObject *self = (ShmObject *)op;
@@ -227,11 +363,20 @@ static PyGetSetDef shm_getset[] = {
     {#name, (PyCFunction)(void (*)(void))shm_##name, METH_VARARGS | METH_KEYWORDS, doc}
 
 static PyMethodDef shm_methods[] = {
-    SHM_METHOD(publish, "publish(seq, items, timeout): copy (offset, buffer) items in as event seq"),
-    SHM_METHOD(fetch, "fetch(seq, src, items, timeout): copy rank src's items of event seq out"),
+    SHM_METHOD(publish, "publish(seq, items, timeout, tag=0): copy (offset, buffer) items in as "
+                        "event seq, stored with its tag (pipeline call << 32 | denoiser call k)"),
+    SHM_METHOD(fetch, "fetch(seq, src, items, timeout, tag=0): copy rank src's items of event "
+                      "seq out; a different tag is an error on this rank and on its peers"),
     SHM_METHOD(barrier, "barrier(timeout): wait for every rank"),
     SHM_METHOD(reserve, "reserve(nbytes, timeout): collective; data buffers of at least nbytes"),
+    SHM_METHOD(allgather, "allgather(record, timeout) -> list[bytes]: collective; every rank's "
+                          "record (bytes, at most SHM_MAX_RECORD of them), in rank order"),
     {"ack", shm_ack, METH_O, "ack(seq): done reading every event <= seq"},
+    {"fail", shm_fail, METH_O, "fail(message): mark this rank failed; peers' waits raise "
+                               "AsyncDiffPeerError with the message (the first one is kept)"},
+    {"busy", shm_set_busy, METH_O, "busy(flag): True while this rank is inside a call: its "
+                                   "heartbeat then tells peers it is alive, so timeout bounds "
+                                   "silence, not a long step"},
     {"detach", shm_detach, METH_O, "detach(failed): leave; peers waiting on this rank fail at once"},
     {NULL, NULL, 0, NULL},
 };

@@ -1,8 +1,9 @@
 /*
- * shm.c -- shared-memory transport, control half: the control segment,
- * peers' liveness, the one wait loop, attach / unlink / detach and the
- * barrier.  The data segment (reserve, publish, fetch) is in shm_data.c;
- * the layout both use is in shm_internal.h and the protocol in shm.h.
+ * shm.c -- shared-memory transport, control part: the control segment,
+ * attach / unlink / detach and the barrier.  Peers' liveness, the wait
+ * loop, the heartbeat and error records are in shm_live.c; the data segment
+ * (reserve, publish, fetch) and the all-gather in shm_data.c; the layout
+ * they share is in shm_internal.h and the protocol in shm.h.
  *
  * Pure C (POSIX shm + C11 atomics); never includes Python.h.
  */
@@ -14,9 +15,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <math.h>
-#include <sched.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,59 +23,6 @@
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
-
-/* Bytes of the control segment for `world` ranks. */
-static size_t ctl_size(int world)
-{
-    return sizeof(shm_header) + (size_t)world * sizeof(shm_slot);
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* A hint to the CPU that we are in a spin loop. */
-static void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-/* Sleep for `ns` nanoseconds (restarting is not needed: the callers poll). */
-static void sleep_ns(long ns)
-{
-    struct timespec ts;
-    ts.tv_sec = 0;
-    ts.tv_nsec = ns;
-    nanosleep(&ts, NULL);
-}
-
-ad_status ad_shm_check_timeout(double timeout_s, ad_err *err)
-{
-    /* isfinite rejects NaN and infinities: every wait must be bounded. */
-    if (!isfinite(timeout_s) || timeout_s < 0.0)
-        return AD_INVALID(err, "timeout_s",
-                          "timeout_s must be a finite number >= 0, got %g",
-                          timeout_s);
-    return AD_OK;
-}
-
-ad_status ad_shm_check_handle(const ad_shm *h, ad_err *err)
-{
-    if (h == NULL || h->ctl == NULL)
-        return AD_INVALID(err, "shm", "shared-memory handle is NULL or closed");
-    if (h->broken)
-        return ad_err_set(err, AD_ESTATE, NULL,
-                          "shared-memory transport of rank %d is unusable "
-                          "after an earlier failed reserve", h->rank);
-    return AD_OK;
-}
 
 /* A POSIX shm name: "/" then 1..AD_SHM_MAX_NAME-1 bytes, no other '/'. */
 static ad_status check_name(const char *name, ad_err *err)
@@ -103,180 +48,6 @@ static uint64_t own_pidns(void)
     if (stat("/proc/self/ns/pid", &sb) != 0)
         return 0;
     return (uint64_t)sb.st_ino;
-}
-
-/* Whether process `pid` is gone: 1 = no such process, 2 = zombie (exited,
- * not yet reaped: kill() still succeeds on it), 0 = alive or unknown.  We
- * never call a peer gone on a doubtful answer.  With /proc, one open/read
- * answers both questions; without it, kill(pid, 0) finds vanished pids. */
-static int pid_gone(const ad_shm *h, pid_t pid)
-{
-    char path[48], buf[512];
-    ssize_t n;
-    int fd;
-    char *close_paren;
-
-    if (pid <= 0)
-        return 0;
-    if (!h->have_proc)
-        return kill(pid, 0) == -1 && errno == ESRCH ? 1 : 0;
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT || errno == ESRCH ? 1 : 0;
-    n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = '\0';
-    /* The state letter follows the last ')': the command name inside the
-     * parentheses may itself hold ')' or spaces. */
-    close_paren = strrchr(buf, ')');
-    if (close_paren != NULL && close_paren[1] == ' ' &&
-        (close_paren[2] == 'Z' || close_paren[2] == 'X'))
-        return 2;
-    return 0;
-}
-
-/* Why rank r can no longer make progress, or NULL if it still can.
- * check_pid: also ask the kernel about its process (one or two syscalls). */
-static const char *peer_gone(const ad_shm *h, int r, int check_pid,
-                             char *buf, size_t len)
-{
-    shm_slot *s = slot_of(h, r);
-    uint32_t st = atomic_load_explicit(&s->state, memory_order_acquire);
-    uint64_t ns;
-    int32_t pid;
-    int how;
-
-    if (st == SLOT_CLOSED)
-        return "has left (detached)";
-    if (st == SLOT_FAILED)
-        return "has failed (detached after an error)";
-    if (st != SLOT_ATTACHED || !check_pid)
-        return NULL;
-    pid = atomic_load_explicit(&s->pid, memory_order_acquire);
-    ns = atomic_load_explicit(&s->pidns, memory_order_relaxed);
-    if (ns != 0 && h->pidns != 0 && ns != h->pidns)
-        return NULL; /* another pid namespace: its pid is not ours to ask */
-    how = pid_gone(h, (pid_t)pid);
-    if (how == 0)
-        return NULL;
-    snprintf(buf, len, "%s (pid %d)",
-             how == 1 ? "has died: its process no longer exists"
-                      : "has died: its process is a zombie", (int)pid);
-    return buf;
-}
-
-static uint64_t counter_of(const ad_shm *h, int kind, int r)
-{
-    switch (kind) {
-    case W_PUBLISHED:
-        return atomic_load_explicit(&slot_of(h, r)->published,
-                                    memory_order_acquire);
-    case W_ACK:
-        return atomic_load_explicit(&slot_of(h, r)->ack, memory_order_acquire);
-    case W_BARRIER:
-        return atomic_load_explicit(&slot_of(h, r)->barrier,
-                                    memory_order_acquire);
-    default: /* W_DATAGEN: a header field written by rank 0 */
-        return atomic_load_explicit(&hdr_of(h)->data_gen,
-                                    memory_order_acquire);
-    }
-}
-
-static const char *wait_what(int kind)
-{
-    switch (kind) {
-    case W_PUBLISHED: return "publish event";
-    case W_ACK: return "acknowledge (finish reading) event";
-    case W_BARRIER: return "enter barrier";
-    default: return "create data segment generation";
-    }
-}
-
-/* Backoff phases of a wait, in microseconds since it began: spin with a
- * pause instruction, then hand the core over with sched_yield, then sleep
- * (1 us doubling to SLEEP_CAP_US; the kernel's timer slack makes the
- * shortest real sleep about 50 us).  The spin is kept very short on
- * purpose: on the 2-vCPU VM used for development, pause loops cost far more
- * than sched_yield (64 KiB ping-pong: ~9 us per event with 0-1 us of spin,
- * 20-40 us with 5-20 us of spin).  Waits in real use last milliseconds (a
- * denoiser step), where only the sleep phase matters.  Both can be changed
- * at build time (-DAD_SHM_SPIN_US=..., -DAD_SHM_YIELD_US=...). */
-#ifndef AD_SHM_SPIN_US
-#define AD_SHM_SPIN_US 1
-#endif
-#ifndef AD_SHM_YIELD_US
-#define AD_SHM_YIELD_US 20
-#endif
-#define SLEEP_CAP_US 64
-/* How often a waiter asks the kernel whether awaited peers still live. */
-#define PID_CHECK_US 2000
-
-/*
- * Poll until the spec is met, the deadline passes, or an awaited rank is
- * gone.  Peer states (closed/failed flags) are read on every round, one
- * atomic load each; peer pids are checked every PID_CHECK_US.
- */
-ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const char *op,
-                          ad_err *err)
-{
-    const double start = now_s();
-    double next_pid_check = start + PID_CHECK_US * 1e-6;
-    long nap_ns = 1000;
-    int lo = w->only >= 0 ? w->only : 0;
-    int hi = w->only >= 0 ? w->only + 1 : h->world;
-    char why_buf[128];
-
-    for (;;) {
-        int pending = -1, r, check_pid = 0;
-        double t = now_s(), waited = t - start;
-
-        if (t >= next_pid_check) {
-            check_pid = 1;
-            next_pid_check = t + PID_CHECK_US * 1e-6;
-        }
-        for (r = lo; r < hi; r++) {
-            const char *why;
-            if (w->only < 0 && r == h->rank)
-                continue;
-            if (counter_of(h, w->kind, r) >= w->target)
-                continue;
-            if (pending < 0)
-                pending = r;
-            why = peer_gone(h, r, check_pid, why_buf, sizeof why_buf);
-            /* The acquire load of the state orders the re-check after
-             * anything the peer published before leaving. */
-            if (why != NULL && counter_of(h, w->kind, r) < w->target)
-                return ad_err_set(err, AD_EPEERGONE, NULL,
-                                  "%s: rank %d %s while rank %d waited for it "
-                                  "to %s %llu",
-                                  op, r, why, h->rank, wait_what(w->kind),
-                                  (unsigned long long)w->target);
-        }
-        if (pending < 0)
-            return AD_OK;
-        if (waited >= timeout_s)
-            return ad_err_set(
-                err, AD_ETIMEDOUT, NULL,
-                "%s: timed out after %.3g s while rank %d waited for rank %d "
-                "to %s %llu (it is at %llu)",
-                op, timeout_s, h->rank, pending, wait_what(w->kind),
-                (unsigned long long)w->target,
-                (unsigned long long)counter_of(h, w->kind, pending));
-
-        if (waited < AD_SHM_SPIN_US * 1e-6) {
-            for (int i = 0; i < 16; i++)
-                cpu_relax();
-        } else if (waited < AD_SHM_YIELD_US * 1e-6) {
-            sched_yield();
-        } else {
-            sleep_ns(nap_ns);
-            if (nap_ns < SLEEP_CAP_US * 1000L)
-                nap_ns *= 2;
-        }
-    }
 }
 
 /* Rank 0: create and initialise the control segment. */
@@ -328,7 +99,7 @@ done:
 /* Other ranks: wait for rank 0's segment, map it and claim our slot. */
 static ad_status open_ctl(ad_shm *h, double timeout_s, ad_err *err)
 {
-    const double start = now_s();
+    const double start = shm_now_s();
     ad_status st = AD_OK;
     int fd = -1;
     long nap_ns = 1000;
@@ -375,7 +146,7 @@ static ad_status open_ctl(ad_shm *h, double timeout_s, ad_err *err)
             atomic_load_explicit(&hdr_of(h)->magic, memory_order_acquire) ==
                 SHM_MAGIC)
             break;
-        if (now_s() - start >= timeout_s) {
+        if (shm_now_s() - start >= timeout_s) {
             st = ad_err_set(err, AD_ETIMEDOUT, NULL,
                             "attach: timed out after %.3g s while rank %d "
                             "waited for rank 0 to create shared memory "
@@ -383,7 +154,7 @@ static ad_status open_ctl(ad_shm *h, double timeout_s, ad_err *err)
                             timeout_s, h->rank, h->name, stage);
             goto done;
         }
-        sleep_ns(nap_ns);
+        shm_sleep_ns(nap_ns);
         if (nap_ns < 64000)
             nap_ns *= 2;
     }
@@ -397,7 +168,7 @@ static ad_status open_ctl(ad_shm *h, double timeout_s, ad_err *err)
                         "build speaks %u", h->name, version, SHM_VERSION);
         goto done;
     }
-    if ((int)world != h->world || h->ctl_len < ctl_size(h->world)) {
+    if ((int)world != h->world || h->ctl_len < shm_ctl_size(h->world)) {
         st = AD_INVALID(err, "world_size",
                         "world_size mismatch: rank %d was started with "
                         "world_size=%d but rank 0 created \"%s\" for "
@@ -461,11 +232,13 @@ ad_status ad_shm_attach(const char *name, int world, int rank, int create,
     memcpy(h->name, name, strlen(name) + 1);
     h->world = world;
     h->rank = rank;
-    h->ctl_len = ctl_size(world);
+    h->ctl_len = shm_ctl_size(world);
     h->pidns = own_pidns();
     h->have_proc = access("/proc/self/stat", R_OK) == 0;
 
     st = create ? create_ctl(h, err) : open_ctl(h, timeout_s, err);
+    if (st == AD_OK)
+        st = ad_shm_beat_start(h, err);
     if (st != AD_OK)
         goto error;
     *out = h;
@@ -495,9 +268,10 @@ void ad_shm_detach(ad_shm *h, int failed)
 {
     if (h == NULL)
         return;
-    if (h->ctl != NULL && h->attached) {
+    ad_shm_beat_stop(h); /* before the mapping it writes goes */
+    if (h->ctl != NULL && h->attached && !h->failed) {
+        /* (A rank marked failed already said so, with its message.) */
         shm_slot *me = slot_of(h, h->rank);
-        failed = failed || h->broken;
         if (!failed) {
             /* A rank that left reads nothing more: let publishers on. */
             atomic_store_explicit(&me->ack, UINT64_MAX, memory_order_release);

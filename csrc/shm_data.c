@@ -1,8 +1,9 @@
 /*
- * shm_data.c -- shared-memory transport, data half: the data segment (two
- * buffers, replaced by a bigger one on reserve) and the per-event publish /
- * fetch / ack of shm.h's protocol.  Waits, barriers and the control
- * segment come from shm.c through shm_internal.h.
+ * shm_data.c -- shared-memory transport, data part: the data segment (two
+ * buffers, replaced by a bigger one on reserve), the per-event publish /
+ * fetch / ack of shm.h's protocol with their tags, and the all-gather of
+ * small records through the control segment.  Waits and barriers come from
+ * shm_live.c and shm.c through shm_internal.h.
  *
  * Pure C (POSIX shm + C11 atomics); never includes Python.h.
  */
@@ -181,22 +182,23 @@ ad_status ad_shm_reserve(ad_shm *h, size_t bytes, double timeout_s,
     h->cap = cap;
     h->gen = gen;
 
-    /* 3. Everyone mapped it: the name can go. */
+    /* 3. Everyone mapped it: the name can go.  Every rank removes it (one
+     * syscall, normally ENOENT), so that it goes even if rank 0 is killed
+     * right after this barrier. */
     st = ad_shm_enter_barrier(h, timeout_s, "reserve", err);
-    if (h->rank == 0)
-        shm_unlink(dname);
+    shm_unlink(dname);
     if (st != AD_OK)
         goto error;
     return AD_OK;
 
 error:
-    /* The ranks may now disagree about the buffers: this handle is done
-     * for, and peers waiting on us learn it at once. */
-    if (h->rank == 0)
-        shm_unlink(dname);
-    h->broken = 1;
-    atomic_store_explicit(&slot_of(h, h->rank)->state, SLOT_FAILED,
-                          memory_order_release);
+    /* Whoever made the name, and whenever this failed, the name must not
+     * outlive the reserve: every rank removes it (harmless if it is gone
+     * or was never made), so a rank 0 killed midway leaves nothing in
+     * /dev/shm.  The ranks may now disagree about the buffers: this handle
+     * is done for, and peers waiting on us learn it at once, with why. */
+    shm_unlink(dname);
+    ad_shm_fail(h, err != NULL ? err->msg : NULL);
     return st;
 }
 
@@ -231,8 +233,9 @@ static unsigned char *buffer_of(const ad_shm *h, uint64_t seq)
     return h->data + (size_t)(seq & 1u) * h->cap;
 }
 
-ad_status ad_shm_publish(ad_shm *h, uint64_t seq, const ad_shm_item *items,
-                         size_t n, double timeout_s, ad_err *err)
+ad_status ad_shm_publish(ad_shm *h, uint64_t seq, uint64_t tag,
+                         const ad_shm_item *items, size_t n, double timeout_s,
+                         ad_err *err)
 {
     ad_status st;
     unsigned char *buf;
@@ -277,13 +280,34 @@ ad_status ad_shm_publish(ad_shm *h, uint64_t seq, const ad_shm_item *items,
         if (items[i].nbytes > 0)
             memcpy(buf + items[i].offset, items[i].ptr, items[i].nbytes);
     atomic_store_explicit(&me->wrote[seq & 1u], seq, memory_order_relaxed);
-    /* Release: a reader that sees published >= seq sees the bytes above. */
+    atomic_store_explicit(&me->tag[seq & 1u], tag, memory_order_relaxed);
+    /* Release: a reader that sees published >= seq sees the bytes, wrote
+     * and tag above. */
     atomic_store_explicit(&me->published, seq, memory_order_release);
     h->last_pub = seq;
     return AD_OK;
 }
 
-ad_status ad_shm_fetch(ad_shm *h, uint64_t seq, int src,
+/* The ranks disagree about what event seq is: say so in the words of the
+ * pipeline (tag = pipeline call << 32 | denoiser call k) and mark this rank
+ * failed with the same words, so that every peer learns it at once. */
+static ad_status out_of_step(ad_shm *h, uint64_t seq, int src, uint64_t sent,
+                             uint64_t expected, ad_err *err)
+{
+    char msg[AD_SHM_MAX_ERROR + 1];
+    snprintf(msg, sizeof msg,
+             "exchange out of step: rank %d sent event %llu as pipeline call "
+             "%llu, denoiser call %llu; rank %d expected pipeline call %llu, "
+             "denoiser call %llu (the ranks were given different arguments)",
+             src, (unsigned long long)seq, (unsigned long long)(sent >> 32),
+             (unsigned long long)(sent & UINT64_C(0xffffffff)), h->rank,
+             (unsigned long long)(expected >> 32),
+             (unsigned long long)(expected & UINT64_C(0xffffffff)));
+    ad_shm_fail(h, msg);
+    return ad_err_set(err, AD_ESTATE, NULL, "%s", msg);
+}
+
+ad_status ad_shm_fetch(ad_shm *h, uint64_t seq, int src, uint64_t tag,
                        const ad_shm_item *items, size_t n, double timeout_s,
                        ad_err *err)
 {
@@ -291,7 +315,7 @@ ad_status ad_shm_fetch(ad_shm *h, uint64_t seq, int src,
     const unsigned char *buf;
     size_t i;
     wait_spec w;
-    uint64_t wrote;
+    uint64_t wrote, sent;
 
     if ((st = ad_shm_check_handle(h, err)) != AD_OK)
         return st;
@@ -326,6 +350,10 @@ ad_status ad_shm_fetch(ad_shm *h, uint64_t seq, int src,
                           (unsigned long long)atomic_load_explicit(
                               &slot_of(h, src)->published,
                               memory_order_relaxed));
+    sent = atomic_load_explicit(&slot_of(h, src)->tag[seq & 1u],
+                                memory_order_relaxed);
+    if (sent != tag)
+        return out_of_step(h, seq, src, sent, tag, err);
 
     buf = h->data != NULL ? buffer_of(h, seq) : NULL;
     for (i = 0; i < n; i++)
@@ -339,4 +367,63 @@ void ad_shm_ack(ad_shm *h, uint64_t seq)
     if (h == NULL || h->ctl == NULL || !h->attached)
         return;
     shm_raise_counter(&slot_of(h, h->rank)->ack, seq);
+}
+
+/*
+ * All-gather: round r (counted alike on every rank) writes our record into
+ * area r % 2 of our record block, enters a barrier (whose release store
+ * publishes the record), then reads every rank's area r % 2.  A rank can
+ * only write area r % 2 again in round r + 2, after leaving round r + 1's
+ * barrier, which needs every rank to have entered it, i.e. to be done
+ * reading round r: no rank overwrites a record someone still reads.
+ */
+ad_status ad_shm_allgather(ad_shm *h, const void *mine, size_t n, void *all,
+                           size_t *lens, double timeout_s, ad_err *err)
+{
+    ad_status st;
+    shm_gather *g;
+    uint64_t round;
+    int r;
+
+    if ((st = ad_shm_check_handle(h, err)) != AD_OK)
+        return st;
+    if ((st = ad_shm_check_timeout(timeout_s, err)) != AD_OK)
+        return st;
+    if (n > AD_SHM_MAX_RECORD)
+        return AD_INVALID(err, "record", "record must be at most %d bytes, "
+                          "got %zu", AD_SHM_MAX_RECORD, n);
+    if (n > 0 && mine == NULL)
+        return AD_INVALID(err, "record", "record is NULL but n=%zu", n);
+    if (all == NULL || lens == NULL)
+        return AD_INVALID(err, "all", "output arrays are NULL");
+
+    round = ++h->ngather;
+    g = &record_of(h, h->rank)->gather[round & 1u];
+    if (n > 0)
+        memcpy(g->data, mine, n);
+    g->len = n;
+    g->round = round;
+    st = ad_shm_enter_barrier(h, timeout_s, "allgather", err);
+    if (st != AD_OK)
+        return st;
+    for (r = 0; r < h->world; r++) {
+        const shm_gather *o = &record_of(h, r)->gather[round & 1u];
+        uint64_t len = o->len;
+        if (o->round != round || len > AD_SHM_MAX_RECORD) {
+            char msg[AD_SHM_MAX_ERROR + 1];
+            snprintf(msg, sizeof msg,
+                     "allgather: ranks out of step: rank %d entered "
+                     "all-gather %llu but rank %d's record is from all-gather "
+                     "%llu (every rank must make the same barrier, reserve "
+                     "and allgather calls in the same order)", h->rank,
+                     (unsigned long long)round, r,
+                     (unsigned long long)o->round);
+            ad_shm_fail(h, msg);
+            return ad_err_set(err, AD_ESTATE, NULL, "%s", msg);
+        }
+        memcpy((unsigned char *)all + (size_t)r * AD_SHM_MAX_RECORD, o->data,
+               (size_t)len);
+        lens[r] = (size_t)len;
+    }
+    return AD_OK;
 }

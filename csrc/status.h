@@ -14,7 +14,8 @@
  * The binding (_coremodule.c) turns a status into a Python exception in one
  * place: AD_ETYPE -> TypeError, AD_EINVAL -> ValueError, AD_ENOMEM ->
  * MemoryError, AD_ETIMEDOUT -> TimeoutError, AD_EIO -> OSError (with
- * ad_err.sys_errno), anything else -> asyncdiff._core.AsyncDiffError.
+ * ad_err.sys_errno), AD_EPEERGONE -> asyncdiff._core.AsyncDiffPeerError (with
+ * ad_err.peer as its `rank`), anything else -> asyncdiff._core.AsyncDiffError.
  *
  * Everything here is header-only (static inline) so that any C file, a test
  * program or a sanitizer build can use it without an extra object file.
@@ -48,6 +49,9 @@ typedef struct ad_err {
     char msg[512];   /* human-readable message, always NUL-terminated */
     const char *arg; /* name of the offending argument, or NULL */
     int sys_errno;   /* errno for AD_EIO, else 0 */
+    int peer;        /* AD_EPEERGONE: the rank that went away, -1 unknown
+                      * (ad_err_set/ad_err_sys/ad_err_clear reset it to -1;
+                      * the failing code sets it after them) */
 } ad_err;
 
 /* Short stable name of a status, e.g. "timeout"; used for exception
@@ -76,6 +80,7 @@ static inline void ad_err_clear(ad_err *err)
         err->msg[0] = '\0';
         err->arg = NULL;
         err->sys_errno = 0;
+        err->peer = -1;
     }
 }
 
@@ -94,6 +99,7 @@ static inline ad_status ad_err_set(ad_err *err, ad_status st, const char *arg,
         va_end(ap);
         err->arg = arg;
         err->sys_errno = 0;
+        err->peer = -1;
     }
     return st;
 }
@@ -112,6 +118,7 @@ static inline ad_status ad_err_sys(ad_err *err, int errnum, const char *arg,
         va_end(ap);
         err->arg = arg;
         err->sys_errno = errnum;
+        err->peer = -1;
     }
     return AD_EIO;
 }

@@ -78,6 +78,13 @@ static void make_layout(layout *L, int world, int rank, uint64_t seed,
             L->plan[r][i] = r == rank ? 0 : (unsigned char)(mix64(&s) % 3);
 }
 
+/* The tag every rank gives event seq: (pipeline call, denoiser call) made
+ * up from seq, so that the exchange carries tags other than 0. */
+static uint64_t xtag(uint64_t seq)
+{
+    return ((seq / 7 + 1) << 32) | (seq % 7);
+}
+
 /* Fetch the items of rank src that plan marks `which`, check every byte. */
 static int fetch_check(ad_shm *h, const layout *L, uint64_t seq, int src,
                        int which, uint64_t seed, const char *test, int rank,
@@ -103,7 +110,7 @@ static int fetch_check(ad_shm *h, const layout *L, uint64_t seq, int src,
     }
     if (n == 0)
         goto out;
-    st = ad_shm_fetch(h, seq, src, items, (size_t)n, 10.0, &err);
+    st = ad_shm_fetch(h, seq, src, xtag(seq), items, (size_t)n, 10.0, &err);
     if (st != AD_OK)
         CFAIL("fetch(seq=%llu, src=%d): %s: %s", (unsigned long long)seq, src,
               ad_status_name(st), err.msg);
@@ -181,7 +188,8 @@ static int rank_exchange(const char *test, const char *name, int world,
             items[i].ptr = src[i];
             items[i].nbytes = cur->len[rank][i];
         }
-        st = ad_shm_publish(h, seq, items, (size_t)cur->n[rank], 10.0, &err);
+        st = ad_shm_publish(h, seq, xtag(seq), items, (size_t)cur->n[rank], 10.0,
+                            &err);
         if (st != AD_OK)
             CFAIL("publish(%llu): %s: %s", (unsigned long long)seq,
                   ad_status_name(st), err.msg);
@@ -338,10 +346,10 @@ void test_args(void)
     it.offset = 0;
     it.ptr = in;
     it.nbytes = 0;
-    CHK("empty item before reserve", ad_shm_publish(h, 1, &it, 1, 1.0, &err),
+    CHK("empty item before reserve", ad_shm_publish(h, 1, 0, &it, 1, 1.0, &err),
         AD_OK, NULL);
     it.nbytes = 1;
-    CHK("item before reserve", ad_shm_publish(h, 2, &it, 1, 1.0, &err),
+    CHK("item before reserve", ad_shm_publish(h, 2, 0, &it, 1, 1.0, &err),
         AD_EINVAL, "items");
     CHK("reserve 100", ad_shm_reserve(h, 100, 1.0, &err), AD_OK, NULL);
     if (ad_shm_capacity(h) != 128) {
@@ -353,51 +361,51 @@ void test_args(void)
         "bytes");
     it.offset = 100;
     it.nbytes = 29;
-    CHK("item past end", ad_shm_publish(h, 2, &it, 1, 1.0, &err), AD_EINVAL,
+    CHK("item past end", ad_shm_publish(h, 2, 0, &it, 1, 1.0, &err), AD_EINVAL,
         "items");
     it.offset = SIZE_MAX;
     it.nbytes = 2;
-    CHK("item offset overflow", ad_shm_publish(h, 2, &it, 1, 1.0, &err),
+    CHK("item offset overflow", ad_shm_publish(h, 2, 0, &it, 1, 1.0, &err),
         AD_EINVAL, "items");
     it.offset = 0;
     it.ptr = NULL;
-    CHK("NULL item ptr", ad_shm_publish(h, 2, &it, 1, 1.0, &err), AD_EINVAL,
+    CHK("NULL item ptr", ad_shm_publish(h, 2, 0, &it, 1, 1.0, &err), AD_EINVAL,
         "items");
-    CHK("NULL items", ad_shm_publish(h, 2, NULL, 1, 1.0, &err), AD_EINVAL,
+    CHK("NULL items", ad_shm_publish(h, 2, 0, NULL, 1, 1.0, &err), AD_EINVAL,
         "items");
-    CHK("seq 0", ad_shm_publish(h, 0, NULL, 0, 1.0, &err), AD_EINVAL, "seq");
-    CHK("seq again", ad_shm_publish(h, 1, NULL, 0, 1.0, &err), AD_EINVAL,
+    CHK("seq 0", ad_shm_publish(h, 0, 0, NULL, 0, 1.0, &err), AD_EINVAL, "seq");
+    CHK("seq again", ad_shm_publish(h, 1, 0, NULL, 0, 1.0, &err), AD_EINVAL,
         "seq");
-    CHK("fetch src 1", ad_shm_fetch(h, 1, 1, NULL, 0, 1.0, &err), AD_EINVAL,
+    CHK("fetch src 1", ad_shm_fetch(h, 1, 1, 0, NULL, 0, 1.0, &err), AD_EINVAL,
         "src");
-    CHK("fetch seq 0", ad_shm_fetch(h, 0, 0, NULL, 0, 1.0, &err), AD_EINVAL,
+    CHK("fetch seq 0", ad_shm_fetch(h, 0, 0, 0, NULL, 0, 1.0, &err), AD_EINVAL,
         "seq");
-    CHK("fetch NaN timeout", ad_shm_fetch(h, 1, 0, NULL, 0, NAN, &err),
+    CHK("fetch NaN timeout", ad_shm_fetch(h, 1, 0, 0, NULL, 0, NAN, &err),
         AD_EINVAL, "timeout_s");
     for (int i = 0; i < 128; i++)
         in[i] = (unsigned char)(i * 3 + 1);
     it.offset = 0;
     it.ptr = in;
     it.nbytes = 128;
-    CHK("publish 2", ad_shm_publish(h, 2, &it, 1, 1.0, &err), AD_OK, NULL);
+    CHK("publish 2", ad_shm_publish(h, 2, 0, &it, 1, 1.0, &err), AD_OK, NULL);
     it.ptr = in + 7;
     it.offset = 5;
     it.nbytes = 100;
-    CHK("publish 3", ad_shm_publish(h, 3, &it, 1, 1.0, &err), AD_OK, NULL);
+    CHK("publish 3", ad_shm_publish(h, 3, 0, &it, 1, 1.0, &err), AD_OK, NULL);
     /* A growing reserve keeps what was published. */
     CHK("reserve 1000", ad_shm_reserve(h, 1000, 1.0, &err), AD_OK, NULL);
     it.ptr = out;
     it.offset = 0;
     it.nbytes = 128;
     memset(out, 0, sizeof out);
-    CHK("fetch own 2", ad_shm_fetch(h, 2, 0, &it, 1, 1.0, &err), AD_OK, NULL);
+    CHK("fetch own 2", ad_shm_fetch(h, 2, 0, 0, &it, 1, 1.0, &err), AD_OK, NULL);
     if (memcmp(out, in, 128) != 0) {
         fprintf(stderr, "  args: event 2 lost across reserve\n");
         bad++;
     }
     it.offset = 5;
     it.nbytes = 100;
-    CHK("fetch own 3", ad_shm_fetch(h, 3, 0, &it, 1, 1.0, &err), AD_OK, NULL);
+    CHK("fetch own 3", ad_shm_fetch(h, 3, 0, 0, &it, 1, 1.0, &err), AD_OK, NULL);
     if (memcmp(out, in + 7, 100) != 0) {
         fprintf(stderr, "  args: event 3 lost across reserve\n");
         bad++;
@@ -405,8 +413,8 @@ void test_args(void)
     /* Skip event 4: fetching it must fail instead of giving old bytes. */
     it.offset = 0;
     it.nbytes = 16;
-    CHK("publish 5", ad_shm_publish(h, 5, &it, 1, 1.0, &err), AD_OK, NULL);
-    CHK("fetch skipped 4", ad_shm_fetch(h, 4, 0, &it, 1, 1.0, &err),
+    CHK("publish 5", ad_shm_publish(h, 5, 0, &it, 1, 1.0, &err), AD_OK, NULL);
+    CHK("fetch skipped 4", ad_shm_fetch(h, 4, 0, 0, &it, 1, 1.0, &err),
         AD_ESTATE, "seq");
     ad_shm_ack(NULL, 3);
     ad_shm_ack(h, 3);

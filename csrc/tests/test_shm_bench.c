@@ -60,11 +60,11 @@ static int rank_bench(const char *test, const char *name, int world, int rank,
             }
             seq++;
             if (rank == 0) {
-                if (ad_shm_publish(h, seq, &it, 1, 30.0, &err) != AD_OK)
+                if (ad_shm_publish(h, seq, 0, &it, 1, 30.0, &err) != AD_OK)
                     CFAIL("publish: %s", err.msg);
             } else {
-                if (ad_shm_fetch(h, seq, 0, &it, 1, 30.0, &err) != AD_OK ||
-                    ad_shm_publish(h, seq, NULL, 0, 30.0, &err) != AD_OK)
+                if (ad_shm_fetch(h, seq, 0, 0, &it, 1, 30.0, &err) != AD_OK ||
+                    ad_shm_publish(h, seq, 0, NULL, 0, 30.0, &err) != AD_OK)
                     CFAIL("fetch: %s", err.msg);
             }
         }

@@ -39,25 +39,25 @@ static int rank_timeout(const char *test, const char *name, int world,
     }
     /* Rank 1 never publishes event 1. */
     t0 = check_now();
-    st = ad_shm_fetch(h, 1, 1, &it, 1, 0.3, &err);
+    st = ad_shm_fetch(h, 1, 1, 0, &it, 1, 0.3, &err);
     dt = check_now() - t0;
     if (expect("fetch timeout", st, &err, AD_ETIMEDOUT, dt, 0.3, 0.6,
                "rank 1", "event 1"))
         CFAIL("fetch timeout check failed");
     /* Events 1 and 2 use fresh buffers; event 3 needs rank 1 to have read
      * event 1, which it never acknowledges. */
-    if (ad_shm_publish(h, 1, &it, 1, 0.3, &err) != AD_OK ||
-        ad_shm_publish(h, 2, &it, 1, 0.3, &err) != AD_OK)
+    if (ad_shm_publish(h, 1, 0, &it, 1, 0.3, &err) != AD_OK ||
+        ad_shm_publish(h, 2, 0, &it, 1, 0.3, &err) != AD_OK)
         CFAIL("publish 1/2: %s", err.msg);
     t0 = check_now();
-    st = ad_shm_publish(h, 3, &it, 1, 0.2, &err);
+    st = ad_shm_publish(h, 3, 0, &it, 1, 0.2, &err);
     dt = check_now() - t0;
     if (expect("publish timeout", st, &err, AD_ETIMEDOUT, dt, 0.2, 0.4,
                "rank 1", "acknowledge"))
         CFAIL("publish timeout check failed");
     /* timeout 0 means "test once". */
     t0 = check_now();
-    st = ad_shm_fetch(h, 5, 1, &it, 1, 0.0, &err);
+    st = ad_shm_fetch(h, 5, 1, 0, &it, 1, 0.0, &err);
     dt = check_now() - t0;
     if (expect("zero timeout", st, &err, AD_ETIMEDOUT, dt, 0.0, 0.05,
                "rank 1", "event 5"))
@@ -88,13 +88,13 @@ static int run_events(ad_shm *h, int world, int rank, uint64_t from,
     for (uint64_t seq = from; seq <= to; seq++) {
         ad_shm_item it = {(size_t)rank * 1024, mine, sizeof mine};
         memset(mine, (int)(seq * 7 + (uint64_t)rank), sizeof mine);
-        if (ad_shm_publish(h, seq, &it, 1, 10.0, &err) != AD_OK)
+        if (ad_shm_publish(h, seq, 0, &it, 1, 10.0, &err) != AD_OK)
             CFAIL("publish %llu: %s", (unsigned long long)seq, err.msg);
         for (int s = 0; s < world; s++) {
             ad_shm_item in = {(size_t)s * 1024, theirs, sizeof theirs};
             if (s == rank)
                 continue;
-            if (ad_shm_fetch(h, seq, s, &in, 1, 10.0, &err) != AD_OK)
+            if (ad_shm_fetch(h, seq, s, 0, &in, 1, 10.0, &err) != AD_OK)
                 CFAIL("fetch %llu from %d: %s", (unsigned long long)seq, s,
                       err.msg);
             if (theirs[0] != (unsigned char)(seq * 7 + (uint64_t)s) ||
@@ -130,7 +130,7 @@ static int rank_exit(const char *test, const char *name, int world, int rank,
         _exit(0); /* vanish without a word */
     t0 = check_now();
     if (rank == 0)
-        st = ad_shm_fetch(h, 6, 2, &it, 1, 10.0, &err);
+        st = ad_shm_fetch(h, 6, 2, 0, &it, 1, 10.0, &err);
     else
         st = ad_shm_barrier(h, 10.0, &err);
     dt = check_now() - t0;
@@ -174,10 +174,10 @@ static int rank_kill(const char *test, const char *name, int world, int rank,
     if (rank == 1)
         kill(getpid(), SIGKILL);
     /* Event 6 reuses the buffer of event 4, which rank 1 acknowledged. */
-    if (ad_shm_publish(h, 6, &it, 1, 10.0, &err) != AD_OK)
+    if (ad_shm_publish(h, 6, 0, &it, 1, 10.0, &err) != AD_OK)
         CFAIL("publish 6: %s", err.msg);
     t0 = check_now();
-    st = ad_shm_fetch(h, 6, 1, &it, 1, 10.0, &err);
+    st = ad_shm_fetch(h, 6, 1, 0, &it, 1, 10.0, &err);
     dt = check_now() - t0;
     if (expect("fetch from killed peer", st, &err, AD_EPEERGONE, dt, 0.0, 1.0,
                "rank 1", "zombie"))
@@ -185,7 +185,7 @@ static int rank_kill(const char *test, const char *name, int world, int rank,
     fprintf(stderr, "  [%s rank %d] detected in %.1f ms: %s\n", test, rank,
             dt * 1e3, err.msg);
     t0 = check_now();
-    st = ad_shm_publish(h, 7, &it, 1, 10.0, &err);
+    st = ad_shm_publish(h, 7, 0, &it, 1, 10.0, &err);
     dt = check_now() - t0;
     if (expect("publish with killed peer", st, &err, AD_EPEERGONE, dt, 0.0,
                1.0, "rank 1", "acknowledge"))
@@ -224,7 +224,7 @@ static int rank_detach(const char *test, const char *name, int world,
     if (rank == 1) {
         ad_shm_item mine = {1024, buf, sizeof buf};
         memset(buf, 0xab, sizeof buf);
-        if (ad_shm_publish(h, 3, &mine, 1, 10.0, &err) != AD_OK)
+        if (ad_shm_publish(h, 3, 0, &mine, 1, 10.0, &err) != AD_OK)
             CFAIL("publish 3: %s", err.msg);
         ad_shm_detach(h, failed);
         h = NULL;
@@ -234,17 +234,17 @@ static int rank_detach(const char *test, const char *name, int world,
     if (!failed) {
         ad_shm_item in = {1024, buf, sizeof buf};
         memset(buf, 0, sizeof buf);
-        st = ad_shm_fetch(h, 3, 1, &in, 1, 1.0, &err);
+        st = ad_shm_fetch(h, 3, 1, 0, &in, 1, 1.0, &err);
         if (st != AD_OK || buf[0] != 0xab || buf[63] != 0xab)
             CFAIL("event 3 of a rank that left normally: %s %s",
                   ad_status_name(st), err.msg);
         for (uint64_t seq = 3; seq <= 6; seq++)
-            if (ad_shm_publish(h, seq, &it, 1, 1.0, &err) != AD_OK)
+            if (ad_shm_publish(h, seq, 0, &it, 1, 1.0, &err) != AD_OK)
                 CFAIL("publish %llu after peer left: %s",
                       (unsigned long long)seq, err.msg);
     }
     t0 = check_now();
-    st = ad_shm_fetch(h, 4, 1, &it, 1, 10.0, &err);
+    st = ad_shm_fetch(h, 4, 1, 0, &it, 1, 10.0, &err);
     dt = check_now() - t0;
     if (expect("fetch from detached peer", st, &err, AD_EPEERGONE, dt, 0.0,
                0.1, "rank 1", failed ? "has failed" : "has left"))
