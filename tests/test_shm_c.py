@@ -22,8 +22,8 @@ import pytest
 from cbuild import SANITIZE_ENV, SANITIZE_FLAGS, build, compiler, require_sanitizers, sanitizer_report
 
 SOURCES = ["csrc/shm.c", "csrc/shm_data.c", "csrc/shm_live.c", "csrc/tests/test_shm.c",
-           "csrc/tests/test_shm_peers.c", "csrc/tests/test_shm_bench.c", "csrc/tests/shm_test.c",
-           "csrc/tests/check.c"]
+           "csrc/tests/test_shm_peers.c", "csrc/tests/test_shm_records.c", "csrc/tests/test_shm_bench.c",
+           "csrc/tests/shm_test.c", "csrc/tests/check.c"]
 # -lrt: shm_open lives there on glibc < 2.34; -pthread: the heartbeat thread.
 LIBS = ["-lm", "-lrt", "-pthread"]
 PLAIN_FLAGS = ["-g", "-Werror"]  # on top of setup.py's flags (-O2 among them)

@@ -4,8 +4,9 @@
  * and the checks of a failed call's status, time and message.
  *
  * The program (test_shm.c with main, the exchange and argument tests;
- * test_shm_peers.c, timeouts and peers that go away; test_shm_bench.c,
- * bandwidth) forks its ranks from one process; a rank reports failure
+ * test_shm_peers.c, timeouts and peers that go away; test_shm_records.c,
+ * error records, heartbeat, tags, all-gather, reserve cleanup;
+ * test_shm_bench.c, bandwidth) forks its ranks from one process; a rank reports failure
  * through its exit status and a line on stderr, and arms alarm() so that a
  * hang turns into a failure.  Segment names are
  * "/asyncdiff-test-<pid>-<n>"; the run ends by checking that /dev/shm holds
@@ -82,6 +83,13 @@ void test_timeout(void);
 void test_exit(void);
 void test_kill(void);
 void test_detach(int failed);
+void test_fail_record(void);
+void test_fail_any(void);
+void test_heartbeat(void);
+void test_tags(void);
+void test_allgather(void);
+void test_allgather_mismatch(void);
+void test_reserve_kill(void);
 int bench(int quick);
 
 #endif /* ASYNCDIFF_TESTS_SHM_TEST_H */

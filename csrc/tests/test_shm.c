@@ -8,7 +8,8 @@
  *
  * This file: main, the random exchange between W ranks and the argument
  * checks.  test_shm_peers.c: timeouts and peers that go away;
- * test_shm_bench.c: the benchmark; shm_test.c: the shared harness.
+ * test_shm_records.c: error records, heartbeat, tags, all-gather, reserve
+ * cleanup; test_shm_bench.c: the benchmark; shm_test.c: the shared harness.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
@@ -341,6 +342,28 @@ void test_args(void)
     /* A world of one: reserve, publish and fetch without peers. */
     CHK("create w1", ad_shm_attach(name, 1, 0, 1, 1.0, &h, &err), AD_OK, NULL);
     CHK("NULL handle", ad_shm_barrier(NULL, 1.0, &err), AD_EINVAL, NULL);
+    ad_shm_set_busy(NULL, 1);
+    ad_shm_fail(NULL, "ignored");
+    {
+        unsigned char all[AD_SHM_MAX_RECORD];
+        size_t lens[1] = {99};
+        CHK("allgather w1", ad_shm_allgather(h, "abc", 3, all, lens, 1.0, &err),
+            AD_OK, NULL);
+        if (lens[0] != 3 || memcmp(all, "abc", 3) != 0) {
+            fprintf(stderr, "  args: allgather w1 gave %zu bytes\n", lens[0]);
+            bad++;
+        }
+        CHK("allgather NULL record", ad_shm_allgather(h, NULL, 3, all, lens, 1.0, &err),
+            AD_EINVAL, "record");
+        CHK("allgather too long", ad_shm_allgather(h, all, AD_SHM_MAX_RECORD + 1, all,
+                                                   lens, 1.0, &err), AD_EINVAL, "record");
+        CHK("allgather NULL out", ad_shm_allgather(h, "abc", 3, NULL, lens, 1.0, &err),
+            AD_EINVAL, "all");
+        CHK("allgather NaN timeout", ad_shm_allgather(h, "abc", 3, all, lens, NAN, &err),
+            AD_EINVAL, "timeout_s");
+    }
+    ad_shm_set_busy(h, 1);
+    ad_shm_set_busy(h, 0);
     CHK("barrier w1", ad_shm_barrier(h, 1.0, &err), AD_OK, NULL);
     CHK("unlink w1", ad_shm_unlink(name, &err), AD_OK, NULL);
     it.offset = 0;
@@ -446,6 +469,13 @@ int main(int argc, char **argv)
     test_kill();
     test_detach(0);
     test_detach(1);
+    test_fail_record();
+    test_fail_any();
+    test_heartbeat();
+    test_tags();
+    test_allgather();
+    test_allgather_mismatch();
+    test_reserve_kill();
     check_report("no_leftover_segments", leftover_segments() == 0, NULL);
     return check_summary();
 }
