@@ -235,6 +235,7 @@ ad_status ad_shm_attach(const char *name, int world, int rank, int create,
     h->ctl_len = shm_ctl_size(world);
     h->pidns = own_pidns();
     h->have_proc = access("/proc/self/stat", R_OK) == 0;
+    h->owner = getpid();
 
     st = create ? create_ctl(h, err) : open_ctl(h, timeout_s, err);
     if (st == AD_OK)
@@ -268,6 +269,17 @@ void ad_shm_detach(ad_shm *h, int failed)
 {
     if (h == NULL)
         return;
+    if (h->owner != 0 && h->owner != getpid()) {
+        /* A child forked after attach: the rank, its slot and its heartbeat
+         * thread belong to the parent (the thread does not even exist
+         * here).  Only drop this process's copy of the mappings. */
+        if (h->data != NULL)
+            munmap(h->data, h->data_len);
+        if (h->ctl != NULL)
+            munmap(h->ctl, h->ctl_len);
+        free(h);
+        return;
+    }
     ad_shm_beat_stop(h); /* before the mapping it writes goes */
     if (h->ctl != NULL && h->attached && !h->failed) {
         /* (A rank marked failed already said so, with its message.) */
@@ -290,7 +302,6 @@ void ad_shm_detach(ad_shm *h, int failed)
         shm_unlink(h->name);
     free(h);
 }
-
 
 /*
  * Counting barrier: entering the n-th barrier sets our counter to n; we may

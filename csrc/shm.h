@@ -43,9 +43,14 @@
  * AD_SHM_BEAT_MS.  A wait times out (AD_ETIMEDOUT) only when an awaited rank
  * has neither made the awaited progress nor beaten for timeout_s seconds
  * since the wait began: a busy, beating rank is waited for indefinitely; a
- * stopped (SIGSTOP) or hung-in-C rank, or one that is not busy, is not.
- * Timeouts shorter than a few heartbeat periods are therefore only meant
- * for ranks that are not busy.  Errors are reported as ad_status + ad_err
+ * stopped (SIGSTOP) or hung-in-C rank, or one that is not busy, is not.  A
+ * rank that is itself inside a wait counts as making progress only through
+ * the ranks it waits for (each waiting rank shows in its slot whom it waits
+ * for): a chain ending at a computing, beating rank is waited for; busy
+ * ranks that wait for each other (a deadlock: ranks given different
+ * arguments) time out after timeout_s (+ at most AD_SHM_BEAT_MS) with a
+ * message that says so.  Timeouts shorter than a few heartbeat periods are
+ * therefore only meant for ranks that are not busy.  Errors are reported as ad_status + ad_err
  * (see status.h); nothing here exits, aborts or asserts.
  *
  * Names: after every rank is attached (and after every reserve) the segment

@@ -12,7 +12,7 @@
  *   [ record of rank 0, 896 bytes ] ... [ record of rank W-1 ]
  *
  * A slot is two cache lines: the event protocol's counters (line 1), then
- * the event tags and the heartbeat (line 2).  A record holds the rank's
+ * the event tags, the heartbeat and whom the rank waits for (line 2).  A record holds the rank's
  * error message (256 bytes) and its two all-gather areas (320 bytes each).
  * Every slot field another process may change concurrently is a C11
  * atomic.  Each slot and record has exactly one writer (its rank; detach
@@ -34,6 +34,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/types.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
@@ -79,7 +80,9 @@ typedef struct shm_slot {
     _Atomic uint64_t tag[2];    /* tag of event wrote[b], stored with it */
     _Atomic uint64_t beat;      /* CLOCK_MONOTONIC ns of the last heartbeat
                                  * of this rank, 0 if it never beat */
-    char pad2_[SHM_LINE - 3 * 8];
+    _Atomic uint64_t waiting;   /* bit r: this rank is inside a wait for
+                                 * rank r (0: not waiting) */
+    char pad2_[SHM_LINE - 4 * 8];
 } shm_slot;
 
 /* One all-gather contribution: written by its rank before it enters the
@@ -96,6 +99,7 @@ typedef struct shm_record {
     shm_gather gather[2];             /* all-gather round r uses r % 2 */
 } shm_record;
 
+_Static_assert(AD_SHM_MAX_WORLD <= 64, "slot.waiting is a 64-bit rank mask");
 _Static_assert(sizeof(shm_header) == SHM_LINE, "header must fill one line");
 _Static_assert(sizeof(shm_slot) == 2 * SHM_LINE, "slot must fill two lines");
 _Static_assert(sizeof(shm_gather) % SHM_LINE == 0, "gather area: whole lines");
@@ -122,6 +126,8 @@ struct ad_shm {
     uint64_t ngather;     /* all-gathers entered by this rank */
     uint64_t pidns;       /* our pid namespace, 0 if unknown */
     int have_proc;        /* /proc/<pid>/stat can be read here */
+    pid_t owner;          /* the process that attached: in a child forked
+                           * later, detach only unmaps and frees */
     /* Heartbeat thread (shm_live.c). */
     _Atomic int busy;     /* ad_shm_set_busy: beat while set */
     int beat_running;     /* the thread exists and must be joined */

@@ -61,8 +61,9 @@ void ad_shm_fail(ad_shm *h, const char *message)
 {
     size_t n = 0;
 
-    if (h == NULL || h->failed)
-        return; /* the first failure's message is the one kept */
+    if (h == NULL || h->failed || h->owner != getpid())
+        return; /* the first failure's message is the one kept; a forked
+                   child does not speak for the rank */
     h->failed = 1;
     if (message != NULL) {
         n = strlen(message);
@@ -181,7 +182,7 @@ void ad_shm_beat_stop(ad_shm *h)
 
 void ad_shm_set_busy(ad_shm *h, int busy)
 {
-    if (h == NULL || h->ctl == NULL || !h->attached)
+    if (h == NULL || h->ctl == NULL || !h->attached || h->owner != getpid())
         return;
     atomic_store_explicit(&h->busy, busy != 0, memory_order_relaxed);
     if (busy) /* the first beat now, not a period later */
@@ -332,6 +333,81 @@ static ad_status report_gone(const ad_shm *h, const wait_spec *w, int r,
 /* How often a waiter asks the kernel whether awaited peers still live, and
  * looks for a failed rank among the others. */
 #define PID_CHECK_US 2000
+/* How long "ranks waiting for each other" must be seen before a wait gives
+ * up on it: the masks of a chain are read one after the other, and a rank
+ * that has just been released still shows its old wait for a moment. */
+#define CHAIN_GRACE_S (AD_SHM_BEAT_MS * 1e-3)
+
+/*
+ * When rank r last showed progress, in CLOCK_MONOTONIC seconds (0: never):
+ * if r is not inside a wait, its last heartbeat; if it is, the freshest
+ * heartbeat of the ranks it waits for that are not waiting themselves,
+ * following the chain (rank masks, so W <= 64 loads per step).  A rank
+ * that waits, directly or not, only for waiting ranks -- ranks waiting for
+ * each other -- shows no progress: its heartbeat proves it lives, not that
+ * the wait will end.  *chained: whether r itself waits (then the answer
+ * comes from several ranks' slots read at slightly different times).
+ */
+static double last_progress(const ad_shm *h, int r, int *chained)
+{
+    uint64_t seen = UINT64_C(1) << r, todo = seen, freshest = 0;
+
+    *chained = 0;
+    while (todo != 0) {
+        int q = __builtin_ctzll(todo);
+        uint64_t m;
+        todo &= todo - 1;
+        if (q == h->rank)
+            continue; /* we wait: we are no progress for anyone */
+        m = atomic_load_explicit(&slot_of(h, q)->waiting, memory_order_relaxed);
+        if (m == 0) {
+            uint64_t b = atomic_load_explicit(&slot_of(h, q)->beat,
+                                              memory_order_relaxed);
+            if (b > freshest)
+                freshest = b;
+        } else {
+            if (q == r)
+                *chained = 1;
+            todo |= m & ~seen;
+            seen |= m;
+        }
+    }
+    return 1e-9 * (double)freshest;
+}
+
+/* ETIMEDOUT for rank r, silent for `quiet` seconds. */
+static ad_status report_silent(const ad_shm *h, const wait_spec *w, int r,
+                               double quiet, double timeout_s, const char *op,
+                               ad_err *err)
+{
+    uint64_t m = atomic_load_explicit(&slot_of(h, r)->waiting,
+                                      memory_order_relaxed);
+    char whom[160];
+    size_t used = 0;
+
+    whom[0] = '\0';
+    for (int q = 0; q < h->world && m != 0 && used + 8 < sizeof whom; q++)
+        if (m & (UINT64_C(1) << q))
+            used += (size_t)snprintf(whom + used, sizeof whom - used, "%s%d",
+                                     used ? ", " : "", q);
+    if (m != 0)
+        return ad_err_set(
+            err, AD_ETIMEDOUT, NULL,
+            "%s: timed out: rank %d waited %.3g s (timeout %.3g s) for rank %d "
+            "to %s %llu, but rank %d is itself waiting for rank(s) %s and no "
+            "rank in that chain is making progress: the ranks are waiting for "
+            "each other (were they given different arguments?)",
+            op, h->rank, quiet, timeout_s, r, wait_what(w->kind),
+            (unsigned long long)w->target, r, whom);
+    return ad_err_set(
+        err, AD_ETIMEDOUT, NULL,
+        "%s: timed out: rank %d has been silent for %.3g s (no progress and "
+        "no heartbeat; timeout %.3g s) while rank %d waited for it to %s %llu "
+        "(it is at %llu)",
+        op, r, quiet, timeout_s, h->rank, wait_what(w->kind),
+        (unsigned long long)w->target,
+        (unsigned long long)counter_of(h, w->kind, r));
+}
 
 /*
  * Poll until the spec is met, an awaited rank is gone or silent, or any
@@ -339,21 +415,27 @@ static ad_status report_gone(const ad_shm *h, const wait_spec *w, int r,
  * every round, one atomic load each; their pids, and the other ranks'
  * states, every PID_CHECK_US.  Heartbeats are read only once the wait is
  * older than the timeout (before that nobody can have been silent long
- * enough), so they cost nothing in the short waits of normal use.
+ * enough), so they cost nothing in the short waits of normal use.  While
+ * it waits, our slot says for whom (slot.waiting), so that others can tell
+ * a rank waiting for a computing rank from ranks waiting for each other.
  */
-ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const char *op,
-                          ad_err *err)
+static ad_status wait_loop(ad_shm *h, const wait_spec *w, double timeout_s,
+                           const char *op, uint64_t *shown, ad_err *err)
 {
+    _Atomic uint64_t *waiting = &slot_of(h, h->rank)->waiting;
     const double start = shm_now_s();
     double next_pid_check = start + PID_CHECK_US * 1e-6;
     long nap_ns = 1000;
+    const double grace = timeout_s < CHAIN_GRACE_S ? timeout_s : CHAIN_GRACE_S;
     int lo = w->only >= 0 ? w->only : 0;
     int hi = w->only >= 0 ? w->only + 1 : h->world;
     char why_buf[128];
+    double stuck_since[AD_SHM_MAX_WORLD] = {0}; /* chains seen stuck */
 
     for (;;) {
         int pending = -1, silent = -1, r, check_pid = 0;
         double t = shm_now_s(), waited = t - start, silence = 0.0;
+        uint64_t mask = 0;
 
         if (t >= next_pid_check) {
             check_pid = 1;
@@ -367,24 +449,32 @@ ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const
                 continue;
             if (pending < 0)
                 pending = r;
+            mask |= UINT64_C(1) << r;
             why = peer_gone(h, r, check_pid, why_buf, sizeof why_buf);
             /* The acquire load of the state orders the re-check after
              * anything the peer published before leaving. */
             if (why != NULL && counter_of(h, w->kind, r) < w->target)
                 return report_gone(h, w, r, r, why, op, err);
             if (waited >= timeout_s && silent < 0) {
-                uint64_t b = atomic_load_explicit(&slot_of(h, r)->beat,
-                                                  memory_order_relaxed);
-                double last = 1e-9 * (double)b;
+                int chained;
+                double last = last_progress(h, r, &chained);
                 double quiet = t - (last > start ? last : start);
-                if (quiet >= timeout_s) {
+                if (quiet < timeout_s)
+                    stuck_since[r] = 0.0;
+                else if (!chained || (stuck_since[r] > 0.0 &&
+                                      t - stuck_since[r] >= grace)) {
                     silent = r;
                     silence = quiet;
-                }
+                } else if (stuck_since[r] == 0.0)
+                    stuck_since[r] = t;
             }
         }
         if (pending < 0)
             return AD_OK;
+        if (mask != *shown) {
+            atomic_store_explicit(waiting, mask, memory_order_relaxed);
+            *shown = mask;
+        }
         /* A failure anywhere dooms this collective protocol: say so now
          * rather than when the failure reaches us through the ranks we
          * wait for. */
@@ -397,14 +487,7 @@ ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const
                                        "has failed (detached after an error)",
                                        op, err);
         if (silent >= 0)
-            return ad_err_set(
-                err, AD_ETIMEDOUT, NULL,
-                "%s: timed out: rank %d has been silent for %.3g s (no "
-                "progress and no heartbeat; timeout %.3g s) while rank %d "
-                "waited for it to %s %llu (it is at %llu)",
-                op, silent, silence, timeout_s, h->rank, wait_what(w->kind),
-                (unsigned long long)w->target,
-                (unsigned long long)counter_of(h, w->kind, silent));
+            return report_silent(h, w, silent, silence, timeout_s, op, err);
 
         if (waited < AD_SHM_SPIN_US * 1e-6) {
             for (int i = 0; i < 16; i++)
@@ -417,4 +500,15 @@ ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const
                 nap_ns *= 2;
         }
     }
+}
+
+ad_status ad_shm_wait_for(ad_shm *h, const wait_spec *w, double timeout_s, const char *op,
+                          ad_err *err)
+{
+    uint64_t shown = 0;
+    ad_status st = wait_loop(h, w, timeout_s, op, &shown, err);
+    if (shown != 0) /* no longer waiting (a wait met at once never said so) */
+        atomic_store_explicit(&slot_of(h, h->rank)->waiting, 0,
+                              memory_order_relaxed);
+    return st;
 }

@@ -4,7 +4,8 @@ through the binding (``asyncdiff._core.ShmTransport``) and real processes:
 - a rank that fails leaves a message (``fail``) that its peers' waits raise as
   ``AsyncDiffPeerError`` naming it (``.rank``), at once;
 - ``timeout`` bounds silence: a rank marked ``busy`` beats, so a long step is
-  waited for; an idle or SIGSTOPped rank times out after ``timeout``;
+  waited for; an idle or SIGSTOPped rank times out after ``timeout``, and so
+  do busy ranks that wait for each other;
 - event tags (pipeline call, denoiser call): ranks out of step fail on both sides;
 - ``allgather`` of small records, its cost;
 - a reserve whose rank 0 is killed midway leaves nothing in /dev/shm;
@@ -234,6 +235,23 @@ def test_stopped_busy_peer_times_out():
     assert exc is not None and exc[0] == "TimeoutError", exc
     assert "rank 1 has been silent" in exc[1], exc
     assert 0.5 <= dt < 1.2, dt
+
+
+def _each_other(h, rank, name):
+    h.busy(True)
+    exc, dt = _timed(h.fetch, 1, 1 - rank, [], 0.5)  # nobody publishes: a deadlock
+    if isinstance(exc, TimeoutError):
+        h.fail(f"TimeoutError: {exc}")  # what the Python side does with it
+    return _describe(exc), dt
+
+
+def test_busy_ranks_waiting_for_each_other_time_out():
+    results = run_ranks(_each_other, 2)
+    for exc, dt in results:
+        assert exc is not None and exc[0] in ("TimeoutError", "AsyncDiffPeerError"), exc
+        assert "waiting for each other" in exc[1], exc
+        assert 0.5 <= dt < 1.2, dt
+    assert any(exc[0] == "TimeoutError" for exc, _ in results), results
 
 
 def test_busy_arguments():

@@ -86,6 +86,7 @@ void test_detach(int failed);
 void test_fail_record(void);
 void test_fail_any(void);
 void test_heartbeat(void);
+void test_chain(void);
 void test_tags(void);
 void test_allgather(void);
 void test_allgather_mismatch(void);

@@ -472,6 +472,7 @@ int main(int argc, char **argv)
     test_fail_record();
     test_fail_any();
     test_heartbeat();
+    test_chain();
     test_tags();
     test_allgather();
     test_allgather_mismatch();

@@ -224,6 +224,75 @@ void test_heartbeat(void)
     check_report("heartbeat", ok, detail);
 }
 
+/* W=3, every rank busy.  Part 1, a chain: rank 2 computes for 1 s, rank 1
+ * waits for rank 2, rank 0 waits for rank 1 with a 0.3 s timeout: rank 0
+ * must wait the whole second (rank 1 waits for a rank that makes
+ * progress).  Part 2, a cycle: ranks 0 and 1 wait for each other's event 2
+ * (rank 2 waits for both): all three fail after ~0.3 s although every one
+ * of them beats -- by timing out, or through the record of the first one
+ * that did. */
+static int rank_chain(const char *test, const char *name, int world, int rank,
+                      void *arg)
+{
+    ad_shm *h = join(test, name, world, rank);
+    ad_err err = {0};
+    ad_status st;
+    double t0, dt;
+    int rc = 0;
+    (void)arg;
+
+    if (h == NULL)
+        CFAIL("join failed");
+    ad_shm_set_busy(h, 1);
+    t0 = check_now();
+    if (rank == 2) {
+        nap_us(1000000);
+        st = ad_shm_publish(h, 1, 0, NULL, 0, 10.0, &err);
+    } else {
+        st = ad_shm_fetch(h, 1, rank + 1, 0, NULL, 0, rank == 0 ? 0.3 : 10.0,
+                          &err);
+        if (st == AD_OK && rank == 1)
+            st = ad_shm_publish(h, 1, 0, NULL, 0, 10.0, &err);
+    }
+    dt = check_now() - t0;
+    if (st != AD_OK || (rank < 2 && dt < 0.9))
+        CFAIL("chain: %s after %.3f s (%s), want ok after ~1 s",
+              ad_status_name(st), dt, err.msg);
+    if (rank == 0)
+        fprintf(stderr, "  [%s rank 0] waited %.2f s (timeout 0.3 s) for "
+                "rank 1, which waited for busy rank 2\n", test, dt);
+    if (ad_shm_barrier(h, 10.0, &err) != AD_OK)
+        CFAIL("barrier: %s", err.msg);
+    t0 = check_now();
+    if (rank == 2)
+        st = ad_shm_barrier(h, 0.3, &err);
+    else
+        st = ad_shm_fetch(h, 2, 1 - rank, 0, NULL, 0, 0.3, &err);
+    dt = check_now() - t0;
+    /* The first rank to see the cycle fails with its message (as the
+     * binding's caller does); the others may learn it from that record. */
+    if (st == AD_ETIMEDOUT)
+        ad_shm_fail(h, err.msg);
+    if ((st != AD_ETIMEDOUT && st != AD_EPEERGONE) ||
+        expect("ranks waiting for each other", st, &err, st, dt, 0.3, 0.6,
+               "waiting for each other", NULL))
+        CFAIL("a cycle of busy ranks must time out (%s: %s)",
+              ad_status_name(st), err.msg);
+    if (rank == 0)
+        fprintf(stderr, "  [%s rank 0] cycle detected in %.3f s: %s\n", test,
+                dt, err.msg);
+out:
+    ad_shm_detach(h, rc != 0);
+    return rc;
+}
+
+void test_chain(void)
+{
+    check_report("wait_chain_and_cycle",
+                 run_ranks("wait_chain_and_cycle", 3, rank_chain, NULL, -1, -1),
+                 NULL);
+}
+
 #define TAG(call, k) (((uint64_t)(call) << 32) | (uint64_t)(k))
 
 /* W=2: events 1..3 agree; at event 4 rank 1 is one denoiser call ahead.
