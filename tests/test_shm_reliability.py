@@ -273,6 +273,35 @@ def test_busy_arguments():
         h.detach(False)
 
 
+def test_forked_child_does_not_speak_for_the_rank():
+    name = f"/asyncdiff-pytest-{os.getpid()}-{secrets.token_hex(4)}"
+    h0 = _core.ShmTransport(name, 2, 0, True, 1.0)
+    h1 = _core.ShmTransport(name, 2, 1, False, 1.0)
+    try:
+        _core.shm_unlink(name)
+        h1.busy(True)
+        pid = os.fork()
+        if pid == 0:  # the child has the handle but not the rank (nor its heartbeat thread)
+            try:
+                h1.fail("a forked child must not fail the rank")
+                h1.busy(False)
+                h1.detach(True)
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 10.0
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("detach in a forked child hung")
+            time.sleep(0.01)
+        with pytest.raises(TimeoutError):  # rank 1 is still there, not failed nor left
+            h0.fetch(1, 1, [], 0.0)
+    finally:
+        h1.detach(False)
+        h0.detach(False)
+
+
 # ------------------------------------------------------------------- tags
 
 def _tag(call, k):
