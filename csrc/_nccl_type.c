@@ -21,9 +21,40 @@
 #include "gpu.h"
 #include "nccl.h"
 
+/* Hand sys.path to the loader: the pip wheels of NCCL and the CUDA runtime
+ * live under one of its folders (docs/design.md §5.3).  Entries that are not
+ * str, or not representable as file names, are skipped. */
+static void pass_sys_path(void)
+{
+    enum { MAX_ENTRIES = 64 };
+    const char *dirs[MAX_ENTRIES];
+    PyObject *keep[MAX_ENTRIES];
+    size_t n = 0;
+    PyObject *path = PySys_GetObject("path"); /* borrowed; NULL when unset */
+    if (path != NULL && PyList_Check(path)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(path) && n < MAX_ENTRIES; i++) {
+            PyObject *item = PyList_GET_ITEM(path, i), *encoded;
+            if (!PyUnicode_Check(item))
+                continue;
+            encoded = PyUnicode_EncodeFSDefault(item);
+            if (encoded == NULL) {
+                PyErr_Clear();
+                continue;
+            }
+            dirs[n] = PyBytes_AS_STRING(encoded);
+            keep[n++] = encoded;
+        }
+    }
+    ad_gpu_search_dirs(dirs, n);
+    for (size_t i = 0; i < n; i++)
+        Py_DECREF(keep[i]);
+}
+
 ad_status ad_gpu_load_nogil(ad_err *err)
 {
     ad_status s;
+    if (ad_gpu_loaded() == NULL)
+        pass_sys_path();
     Py_BEGIN_ALLOW_THREADS
     s = ad_gpu_load(err);
     Py_END_ALLOW_THREADS

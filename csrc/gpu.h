@@ -4,14 +4,25 @@
  * Pure C (no Python.h, no CUDA or NCCL header): the few types and constants
  * we need are declared below with the values the libraries document, so the
  * extension builds on a machine without CUDA and the same build runs on a
- * GPU machine.  Nothing is linked against libcudart or libnccl; both are
- * found with dlopen the first time ad_gpu_load() is called:
+ * GPU machine.  tests/test_abi.py compiles these declarations next to the
+ * real cuda_runtime_api.h and nccl.h and checks every size, offset, value
+ * and function type against them.  Nothing is linked against libcudart or
+ * libnccl; both are found with dlopen by ad_gpu_load(), each in this order:
  *
  *   1. a copy the process has already loaded (dlopen with RTLD_NOLOAD):
- *      libnccl.so.2 and libcudart.so.13 / .12 / .11.0 / ... -- what a CUDA
- *      build of torch loaded, so that the process uses one NCCL;
- *   2. the file named by ASYNCDIFF_NCCL_LIBRARY / ASYNCDIFF_CUDART_LIBRARY;
- *   3. a plain dlopen of the sonames (the dynamic linker's search path).
+ *      libnccl.so.2 and libcudart.so.13 / .12 / ... -- what a CUDA build of
+ *      torch loaded, so that the process uses one NCCL;
+ *   2. the file named by ASYNCDIFF_NCCL_LIBRARY / ASYNCDIFF_CUDART_LIBRARY
+ *      (no fallback when it cannot be opened);
+ *   3. the pip wheels under the Python search folders handed to
+ *      ad_gpu_search_dirs() (the binding passes sys.path) and the folder
+ *      above the one this module's shared object is in (site-packages of a
+ *      normal install): nvidia/nccl/lib/libnccl.so.2,
+ *      nvidia/cu13/lib/libcudart.so.13 (CUDA 13),
+ *      nvidia/cuda_runtime/lib/libcudart.so.12 (CUDA 12) -- the files a
+ *      CUDA build of torch loads itself;
+ *   4. $CUDA_HOME/lib64 (else $CUDA_PATH/lib64);
+ *   5. a plain dlopen of the sonames (LD_LIBRARY_PATH, ld.so.cache).
  *
  * Every function we call is listed ONCE, in AD_GPU_FUNCTIONS below; that
  * single table declares the function-pointer fields of ad_gpu_api and
@@ -19,10 +30,14 @@
  * unusable (the message names it); optional ones (newer NCCL features) are
  * left NULL.
  *
- * Loading happens once per process (pthread_once); later calls return the
- * same status and message.  Errors are ad_status + ad_err (status.h):
+ * A successful load is kept for the process (the table is read-only from
+ * then on).  A failed one is not: the next ad_gpu_load() looks again (a
+ * library may have been loaded or installed since), reusing any library it
+ * already opened -- a library whose functions were called is never swapped
+ * for another copy.  Errors are ad_status + ad_err (status.h):
  * AD_EUNSUPPORTED when NCCL cannot be used here (library not found, symbol
- * missing, no CUDA device), with a message naming what is missing.
+ * missing, no driver, no CUDA device), with a message naming what is
+ * missing and what was found (file and version of each library).
  *
  * Check macros (AD_CUDA_CHECK, AD_NCCL_CHECK and their _GOTO forms) turn a
  * failed call into AD_EEXTERNAL with file:line, the call's text and the
@@ -54,6 +69,9 @@ enum {
     AD_CUDA_ERROR_NOT_READY = 600        /* cudaErrorNotReady */
 };
 
+/* Sonames of the driver library the CUDA runtime loads (libcuda). */
+#define AD_CUDA_DRIVER_SONAME "libcuda.so.1"
+
 /* Flags of cudaStreamCreateWithFlags / cudaEventCreateWithFlags. */
 #define AD_CUDA_STREAM_NON_BLOCKING 0x01u  /* cudaStreamNonBlocking */
 #define AD_CUDA_EVENT_DISABLE_TIMING 0x02u /* cudaEventDisableTiming */
@@ -68,7 +86,8 @@ enum {
     AD_NCCL_INVALID_ARGUMENT = 4,    /* ncclInvalidArgument */
     AD_NCCL_INVALID_USAGE = 5,       /* ncclInvalidUsage */
     AD_NCCL_REMOTE_ERROR = 6,        /* ncclRemoteError (2.13+) */
-    AD_NCCL_IN_PROGRESS = 7          /* ncclInProgress (2.14+) */
+    AD_NCCL_IN_PROGRESS = 7,         /* ncclInProgress (2.14+) */
+    AD_NCCL_TIMEOUT = 8              /* ncclTimeout (2.30+) */
 };
 
 /* ncclDataType_t (an enum: int).  We move bytes, so only uint8 is used;
@@ -132,6 +151,7 @@ typedef struct ad_nccl_config {
     X(CUDART, 1, ad_cuda_error, cudaSetDevice, (int device))                       \
     X(CUDART, 1, ad_cuda_error, cudaGetDevice, (int *device))                      \
     X(CUDART, 1, ad_cuda_error, cudaRuntimeGetVersion, (int *version))             \
+    X(CUDART, 1, ad_cuda_error, cudaDriverGetVersion, (int *version))              \
     X(CUDART, 1, ad_cuda_error, cudaStreamCreateWithFlags,                         \
       (ad_cuda_stream *stream, unsigned int flags))                                \
     X(CUDART, 1, ad_cuda_error, cudaStreamDestroy, (ad_cuda_stream stream))        \
@@ -175,19 +195,30 @@ typedef struct ad_gpu_api {
 #undef AD_GPU_API_FIELD
     int nccl_version;    /* ncclGetVersion's code, e.g. 22105 for 2.21.5 */
     int cudart_version;  /* cudaRuntimeGetVersion's code, e.g. 12040 */
+    int driver_version;  /* cudaDriverGetVersion's code; 0: no driver */
     int device_count;    /* CUDA devices visible to this process (>= 1) */
 } ad_gpu_api;
 
-/* Load the CUDA runtime and NCCL (once per process) and check that at least
- * one CUDA device is visible.  AD_OK, or AD_EUNSUPPORTED with a message
- * naming everything that is missing. */
+/* Python's search folders (sys.path) to look for the pip wheels in (step 3
+ * above); copied, replacing the previous list.  Empty and non-absolute
+ * entries are skipped.  May be called at any time, from any thread. */
+void ad_gpu_search_dirs(const char *const *dirs, size_t n);
+
+/* Load the CUDA runtime and NCCL and check that at least one CUDA device is
+ * visible.  AD_OK (then for the rest of the process), or AD_EUNSUPPORTED
+ * with a message naming everything that is missing; a failed load is tried
+ * again by the next call. */
 ad_status ad_gpu_load(ad_err *err);
 
-/* The table, or NULL unless ad_gpu_load() succeeded. */
+/* The table, or NULL unless ad_gpu_load() succeeded (tries to load). */
 const ad_gpu_api *ad_gpu_get(void);
 
-/* A one-paragraph account of what was found (paths, versions, devices) or
- * why NCCL is not usable; loads first if that was not done yet.  Always
+/* The table if a load has succeeded, else NULL; never tries to load. */
+const ad_gpu_api *ad_gpu_loaded(void);
+
+/* A one-paragraph account of what was found (for each library: version,
+ * file, how it was found; the devices) or why NCCL is not usable, from the
+ * latest load (loads first when nothing was tried yet).  Always
  * NUL-terminates buf (n >= 1).  Returns buf. */
 const char *ad_gpu_describe(char *buf, size_t n);
 
@@ -196,7 +227,8 @@ const char *ad_nccl_version_string(int code, char *buf, size_t n);
 
 /*
  * Check helpers.  They record "file:line: call: <library message>" in
- * err and return AD_EEXTERNAL (AD_OK when the call succeeded).
+ * err and return AD_EEXTERNAL (AD_OK when the call succeeded); for NCCL,
+ * ncclRemoteError becomes AD_EPEERGONE and ncclTimeout AD_ETIMEDOUT.
  */
 
 ad_status ad_cuda_status(const ad_gpu_api *api, ad_cuda_error code, const char *call,

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -28,6 +29,7 @@ struct ad_nccl {
     int blocking; /* 1: blocking communicator (NCCL < 2.14) */
     int pending;  /* `done` belongs to an exchange not yet seen finished */
     int failed;   /* aborted after an error: every later call is refused */
+    ad_nccl_result last_error; /* the NCCL result of the latest failure, 0 if none */
     double timeout_s; /* the init timeout; bounds a graceful destroy */
 };
 
@@ -157,6 +159,8 @@ static ad_status comm_state(ad_nccl *h, const char *what, int *busy, ad_err *err
         *busy = 1;
         return AD_OK;
     }
+    if (state != AD_NCCL_SUCCESS)
+        h->last_error = state;
     return ad_nccl_status(h->api, h->comm, state, what, __FILE__, __LINE__, err);
 }
 
@@ -237,6 +241,31 @@ static void release(ad_nccl *h)
     free(h);
 }
 
+/* NCCL answers ncclInvalidUsage at init when two ranks of a communicator
+ * are on one GPU, which is the likely cause here: say so, and what the NCCL
+ * found allows (docs/design.md §5.2), before NCCL's own words. */
+static void shared_gpu_hint(const ad_gpu_api *api, ad_err *err)
+{
+    char said[sizeof err->msg], version[32];
+    const char *opt_in = getenv("NCCL_MULTI_RANK_GPU_ENABLE");
+    if (err == NULL)
+        return;
+    memcpy(said, err->msg, sizeof said);
+    ad_nccl_version_string(api->nccl_version, version, sizeof version);
+    if (api->nccl_version < AD_NCCL_VERSION_CODE(2, 30, 0))
+        snprintf(err->msg, sizeof err->msg,
+                 "NCCL refused the communicator; if two ranks share one GPU: NCCL %s never "
+                 "allows that (2.30+ does with NCCL_MULTI_RANK_GPU_ENABLE=1, experimental); use "
+                 "one GPU per rank or transport='shm'. NCCL said: %.250s",
+                 version, said);
+    else
+        snprintf(err->msg, sizeof err->msg,
+                 "NCCL refused the communicator; if two ranks share one GPU: NCCL %s refuses "
+                 "that unless NCCL_MULTI_RANK_GPU_ENABLE=1 (experimental; now %.16s); use one GPU "
+                 "per rank or transport='shm'. NCCL said: %.250s",
+                 version, opt_in != NULL ? opt_in : "unset", said);
+}
+
 ad_status ad_nccl_unique_id(unsigned char id[AD_NCCL_UNIQUE_ID_BYTES], ad_err *err)
 {
     const ad_gpu_api *api;
@@ -303,6 +332,7 @@ ad_status ad_nccl_init(const unsigned char id[AD_NCCL_UNIQUE_ID_BYTES], int worl
         cfg.blocking = 0;
         r = api->ncclCommInitRankConfig(&h->comm, world, uid, rank, &cfg);
         if (r != AD_NCCL_SUCCESS && r != AD_NCCL_IN_PROGRESS) {
+            h->last_error = r;
             st = ad_nccl_status(api, h->comm, r,
                                 "ncclCommInitRankConfig(&comm, world, id, rank, &config)",
                                 __FILE__, __LINE__, err);
@@ -318,9 +348,15 @@ ad_status ad_nccl_init(const unsigned char id[AD_NCCL_UNIQUE_ID_BYTES], int worl
             goto error;
     } else {
         /* NCCL before 2.14: init blocks until every rank has joined. */
+        ad_nccl_result r;
         h->blocking = 1;
-        AD_NCCL_CHECK_GOTO(api, NULL, err, st, error,
-                           ncclCommInitRank(&h->comm, world, uid, rank));
+        r = api->ncclCommInitRank(&h->comm, world, uid, rank);
+        if (r != AD_NCCL_SUCCESS) {
+            h->last_error = r;
+            st = ad_nccl_status(api, NULL, r, "ncclCommInitRank(&comm, world, id, rank)",
+                                __FILE__, __LINE__, err);
+            goto error;
+        }
     }
     AD_CUDA_CHECK_GOTO(api, err, st, error,
                        cudaStreamCreateWithFlags(&h->stream, AD_CUDA_STREAM_NON_BLOCKING));
@@ -332,6 +368,8 @@ ad_status ad_nccl_init(const unsigned char id[AD_NCCL_UNIQUE_ID_BYTES], int worl
     *out = h;
     return AD_OK;
 error:
+    if (h->last_error == AD_NCCL_INVALID_USAGE && world > 1)
+        shared_gpu_hint(api, err);
     abort_comm(h);
     release(h); /* still on the handle's device (or on the caller's if that failed) */
     if (saved >= 0 && saved != device)

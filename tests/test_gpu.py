@@ -6,7 +6,9 @@ the C core cannot load NCCL (``asyncdiff._core.gpu_status()`` says why).
 
 * NCCL world-size-1 self exchange on one GPU (1 MB, checked byte for byte,
   fp16/bf16 untouched), through the binding and through
-  ``transport.NcclTransport`` with a real store rendezvous;
+  ``transport.NcclTransport`` with a real store rendezvous (the tensors NCCL
+  was given stay referenced until the next exchange);
+* two ranks on one GPU over NCCL: refused by every rank, saying why;
 * emulation on CUDA equals emulation on CPU (fp32, TF32 off) within fp
   tolerance;
 * two processes sharing one GPU over shared memory (CUDA tensors staged
@@ -115,18 +117,18 @@ def test_nccl_self_exchange_1mb():
 
 
 @needs_nccl
-def test_nccl_transport_class_world_one(monkeypatch):
+def test_nccl_transport_class_world_one():
     """transport.NcclTransport end to end: store rendezvous, send expansion, pairing by offset."""
-    port = ranks.free_port()
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    t = transport.open_transport("nccl", 0, 1, 10_000, 60.0, device=torch.device("cuda", 0))
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", ranks.free_port(), 1, True, timedelta(seconds=60))
+    dev = torch.device("cuda", 0)
+    t = transport.NcclTransport(0, 1, 60.0, store, device=dev)
     try:
         assert t.kind == "nccl"
         t.reserve(1 << 20)  # no-op
-        dev = torch.device("cuda", 0)
         a = torch.randn(3, 5, device=dev, dtype=torch.float16)
         b = torch.arange(77, device=dev, dtype=torch.int64)
         ga, gb = torch.empty_like(a), torch.empty_like(b)
@@ -134,10 +136,12 @@ def test_nccl_transport_class_world_one(monkeypatch):
         t.exchange(1, [(frozenset({0}), 128, b), (frozenset({0}), 0, a), (frozenset({0}), 4096, torch.empty(0, device=dev))],
                    [(0, 0, ga), (0, 128, gb)])
         assert torch.equal(ga, a) and torch.equal(gb, b)
+        assert len(t._inflight) == 4  # what NCCL was given stays alive until the next exchange
         with pytest.raises(ValueError, match="transport"):
             t.exchange(2, [(frozenset({0}), 0, a.cpu())], [])
     finally:
         t.close(False)
+    assert t._inflight == []
 
 
 @needs_nccl
@@ -201,6 +205,22 @@ def test_two_processes_share_one_gpu_over_shm(tmp_path, exact_math):
         assert r0["mode"] == r1["mode"] == "shm"  # auto: two ranks on one GPU cannot use NCCL
         assert torch.equal(r0["latents"], r1["latents"]), cfg["id"]  # the result is the same bytes on every rank
         torch.testing.assert_close(r0["latents"], expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_nccl
+def test_two_ranks_on_one_gpu_over_nccl_refused(tmp_path, monkeypatch):
+    """NCCL refuses two ranks on one GPU (2.30+: unless NCCL_MULTI_RANK_GPU_ENABLE=1): every rank says so
+    before NCCL is asked (docs/design.md §5.2)."""
+    monkeypatch.delenv("NCCL_MULTI_RANK_GPU_ENABLE", raising=False)
+    sys.path.insert(0, str(HERE))
+    try:
+        import mp
+    finally:
+        sys.path.remove(str(HERE))
+    results = mp.launch(2, [dict(id="nccl", transport="nccl", device="cuda:0")], tmp_path, script=Path(__file__))
+    for rank, (code, log) in enumerate(results):
+        assert code != 0 and "are on the same GPU" in log and "NCCL_MULTI_RANK_GPU_ENABLE" in log, \
+            f"rank {rank}:\n{log[-3000:]}"
 
 
 @needs_two_gpus

@@ -8,8 +8,10 @@
  * Streams and events are small host objects, "device memory" is host
  * memory, events complete at once (or after FAKE_CUDA_EVENT_POLLS queries,
  * or never with FAKE_CUDA_HANG=1), FAKE_CUDA_DEVICES devices (default 1;
- * "error": cudaGetDeviceCount fails).  fake_cuda_stats() tells the test
- * program what was called.
+ * "error": cudaGetDeviceCount fails with cudaErrorNoDevice; "nodriver": it
+ * fails with cudaErrorInsufficientDriver as the real runtime does without
+ * a driver), a driver of CUDA FAKE_CUDA_DRIVER (default 12040; 0: none).
+ * fake_cuda_stats() tells the test program what was called.
  */
 #define _GNU_SOURCE
 
@@ -57,6 +59,8 @@ int cudaGetDeviceCount(int *count)
     const char *v = getenv("FAKE_CUDA_DEVICES");
     if (v != NULL && strcmp(v, "error") == 0)
         return 100; /* cudaErrorNoDevice */
+    if (v != NULL && strcmp(v, "nodriver") == 0)
+        return 35; /* cudaErrorInsufficientDriver */
     *count = (int)env_long("FAKE_CUDA_DEVICES", 1);
     return 0;
 }
@@ -81,6 +85,12 @@ int cudaGetDevice(int *device)
 int cudaRuntimeGetVersion(int *version)
 {
     *version = 12040;
+    return 0;
+}
+
+int cudaDriverGetVersion(int *version)
+{
+    *version = (int)env_long("FAKE_CUDA_DRIVER", 12040);
     return 0;
 }
 

@@ -167,6 +167,8 @@ int ncclCommInitRankConfig(struct fake_comm **comm, int nranks, fake_id id, int 
         else if (config->blocking != 1 && config->blocking != (-2147483647 - 1))
             return 4;
     }
+    if (env_long("FAKE_NCCL_INIT_ERROR", 0) != 0) /* e.g. 5: two ranks on one GPU */
+        return (int)env_long("FAKE_NCCL_INIT_ERROR", 0);
     r = new_comm(comm, nranks, id, rank, blocking);
     if (r != 0)
         return r;
@@ -240,6 +242,7 @@ const char *ncclGetErrorString(int result)
     switch (result) {
     case 6: return "fake remote error";
     case 7: return "fake in progress";
+    case 8: return "fake timeout";
     default: return "fake NCCL error";
     }
 }

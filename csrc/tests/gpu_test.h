@@ -42,6 +42,8 @@ void t_device_switch(void);
 void t_init_timeout(void);
 void t_group_timeout(void);
 void t_async_error(void);
+void t_async_timeout(void);
+void t_shared_gpu_refused(void);
 void t_gpu_hang(void);
 void t_wait_timeout(void);
 void t_graceful_destroy_falls_back_to_abort(void);

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -38,7 +39,9 @@ static void t_library_not_found(void)
     CHECK(ad_gpu_load(NULL) == AD_EUNSUPPORTED);
     ad_gpu_describe(text, sizeof text);
     CHECK_MSG(strstr(text, "NCCL transport unavailable") != NULL, text);
-    CHECK_MSG(strstr(text, "CUDA runtime found") != NULL, text);
+    /* what was found is named with its version and file */
+    CHECK_MSG(strstr(text, "CUDA runtime 12.4 from ") != NULL, text);
+    CHECK_MSG(strstr(text, "libfakecudart") != NULL, text);
     /* init refuses with the same status and creates nothing */
     {
         unsigned char id[AD_NCCL_UNIQUE_ID_BYTES] = {0};
@@ -81,6 +84,87 @@ static void t_device_count_fails(void)
     CHECK_MSG(strstr(err.msg, "cudaGetDeviceCount failed: fake CUDA error 100") != NULL, err.msg);
 }
 
+static void t_no_driver(void)
+{
+    /* what the real runtime says without a driver (cudaErrorInsufficientDriver):
+     * the message must say that there is no driver, if there is none */
+    ad_err err = {0};
+    char text[1536];
+    void *driver = dlopen(AD_CUDA_DRIVER_SONAME, RTLD_LAZY);
+    use_fakes();
+    setenv("FAKE_CUDA_DEVICES", "nodriver", 1);
+    setenv("FAKE_NCCL_VERSION", "23206", 1);
+    CHECK(ad_gpu_load(&err) == AD_EUNSUPPORTED);
+    if (driver == NULL)
+        CHECK_MSG(strstr(err.msg, "no NVIDIA driver (libcuda.so.1) found") != NULL, err.msg);
+    else
+        CHECK_MSG(strstr(err.msg, "older than the CUDA runtime 12.4") != NULL, err.msg);
+    CHECK_MSG(strstr(err.msg, "insufficient") == NULL || driver != NULL, err.msg);
+    /* the NCCL version that was read is not dropped */
+    ad_gpu_describe(text, sizeof text);
+    CHECK_MSG(strstr(text, "NCCL 2.32.6 from ") != NULL, text);
+    CHECK_MSG(strstr(text, "libfakenccl") != NULL, text);
+    CHECK(ad_gpu_get() == NULL);
+}
+
+static void t_failure_not_cached(void)
+{
+    /* a failed load is tried again: the library may be there later */
+    ad_err err = {0};
+    char text[1536];
+    setenv("ASYNCDIFF_CUDART_LIBRARY", fake_cudart, 1);
+    setenv("ASYNCDIFF_NCCL_LIBRARY", "/nonexistent/libnccl.so.2", 1);
+    CHECK(ad_gpu_load(&err) == AD_EUNSUPPORTED);
+    setenv("ASYNCDIFF_NCCL_LIBRARY", fake_nccl, 1);
+    CHECK_MSG(ad_gpu_load(&err) == AD_OK, err.msg);
+    ad_gpu_describe(text, sizeof text);
+    CHECK_MSG(strncmp(text, "NCCL 2.21.5 from ", 17) == 0, text);
+    CHECK(ad_gpu_get() != NULL && ad_gpu_get()->device_count == 1);
+    /* a success is kept: a broken variable no longer matters */
+    setenv("ASYNCDIFF_NCCL_LIBRARY", "/nonexistent/libnccl.so.2", 1);
+    CHECK(ad_gpu_load(&err) == AD_OK);
+}
+
+/* Make DIR/REL a symbolic link to TARGET, creating the folders. */
+static int link_into(const char *dir, const char *rel, const char *target)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s", dir, rel);
+    for (char *p = path + strlen(dir) + 1; *p != '\0'; p++)
+        if (*p == '/') {
+            *p = '\0';
+            (void)mkdir(path, 0700);
+            *p = '/';
+        }
+    return symlink(target, path);
+}
+
+static void t_pip_wheel_folders(void)
+{
+    /* the layout of nvidia-nccl-cu13 / nvidia-cuda-runtime under a sys.path
+     * folder; the variables unset, so only the folders can find them */
+    ad_err err = {0};
+    char dir[] = "/tmp/asyncdiff-wheels-XXXXXX", text[1536], expect[1200];
+    const char *dirs[2] = {"relative/is/skipped", dir};
+    unsetenv("ASYNCDIFF_CUDART_LIBRARY");
+    unsetenv("ASYNCDIFF_NCCL_LIBRARY");
+    unsetenv("CUDA_HOME");
+    unsetenv("CUDA_PATH");
+    if (!CHECK(mkdtemp(dir) != NULL))
+        return;
+    CHECK(link_into(dir, "nvidia/nccl/lib/libnccl.so.2", fake_nccl) == 0);
+    CHECK(link_into(dir, "nvidia/cu13/lib/libcudart.so.13", fake_cudart) == 0);
+    ad_gpu_search_dirs(dirs, 2);
+    CHECK_MSG(ad_gpu_load(&err) == AD_OK, err.msg);
+    ad_gpu_describe(text, sizeof text);
+    snprintf(expect, sizeof expect,
+             "NCCL 2.21.5 from %s/nvidia/nccl/lib/libnccl.so.2 (pip wheel on the Python path); "
+             "CUDA runtime 12.4 from %s/nvidia/cu13/lib/libcudart.so.13 (pip wheel on the "
+             "Python path); 1 CUDA device",
+             dir, dir);
+    CHECK_MSG(strcmp(text, expect) == 0, text);
+}
+
 static void t_already_loaded_wins(void)
 {
     ad_err err = {0};
@@ -109,9 +193,9 @@ static void t_env_library(void)
     setenv("FAKE_NCCL_VERSION", "21803", 1);
     CHECK_MSG(ad_gpu_load(&err) == AD_OK, err.msg);
     ad_gpu_describe(text, sizeof text);
-    CHECK_MSG(strstr(text, "NCCL 2.18.3") != NULL, text);
+    CHECK_MSG(strstr(text, "NCCL 2.18.3 from ") != NULL, text);
     CHECK_MSG(strstr(text, "(ASYNCDIFF_NCCL_LIBRARY)") != NULL, text);
-    CHECK_MSG(strstr(text, "CUDA runtime 12.4") != NULL, text);
+    CHECK_MSG(strstr(text, "CUDA runtime 12.4 from ") != NULL, text);
     {
         char v[32];
         CHECK(strcmp(ad_nccl_version_string(22105, v, sizeof v), "2.21.5") == 0);
@@ -129,6 +213,9 @@ static const struct scenario scenarios[] = {
     {"missing symbols", t_missing_symbols},
     {"no device", t_no_device},
     {"device count fails", t_device_count_fails},
+    {"no driver", t_no_driver},
+    {"a failed load is not cached", t_failure_not_cached},
+    {"pip wheel folders", t_pip_wheel_folders},
     {"already loaded copy wins", t_already_loaded_wins},
     {"library from the environment", t_env_library},
     {"argument checks", t_argument_checks},
@@ -141,6 +228,8 @@ static const struct scenario scenarios[] = {
     {"init timeout aborts", t_init_timeout},
     {"group launch timeout aborts", t_group_timeout},
     {"async error aborts", t_async_error},
+    {"NCCL timeout is a timeout", t_async_timeout},
+    {"two ranks on one GPU: the error says so", t_shared_gpu_refused},
     {"GPU hang seen at the next exchange", t_gpu_hang},
     {"wait timeout aborts", t_wait_timeout},
     {"graceful destroy falls back to abort", t_graceful_destroy_falls_back_to_abort},

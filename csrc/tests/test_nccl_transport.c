@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 void t_argument_checks(void)
@@ -382,14 +383,16 @@ void t_group_timeout(void)
     expect_aborted(h);
 }
 
-void t_async_error(void)
+/* An error NCCL reports asynchronously after the group launch: the
+ * exchange fails with `expect` and NCCL's text, and the handle is aborted. */
+static void async_failure(const char *code, ad_status expect, const char *text)
 {
     ad_err err = {0};
     ad_status st;
     unsigned char a[64], b[64];
     ad_nccl *h;
     use_fakes();
-    setenv("FAKE_NCCL_ASYNC_ERROR", "6", 1); /* ncclRemoteError: a peer died */
+    setenv("FAKE_NCCL_ASYNC_ERROR", code, 1);
     setenv("FAKE_NCCL_GROUP_POLLS", "1", 1);
     h = open_handle(1, 0, 0, 2.0, &st, &err);
     CHECK_MSG(st == AD_OK, err.msg);
@@ -398,10 +401,64 @@ void t_async_error(void)
     {
         ad_nccl_send s = {0, a, sizeof a};
         ad_nccl_recv r = {0, b, sizeof b};
-        CHECK(ad_nccl_exchange(h, &s, 1, &r, 1, NULL, 2.0, &err) == AD_EPEERGONE);
-        CHECK_MSG(strstr(err.msg, "fake remote error") != NULL, err.msg);
+        CHECK(ad_nccl_exchange(h, &s, 1, &r, 1, NULL, 2.0, &err) == expect);
+        CHECK_MSG(strstr(err.msg, text) != NULL, err.msg);
     }
     expect_aborted(h);
+}
+
+/* ncclRemoteError: a peer died */
+void t_async_error(void) { async_failure("6", AD_EPEERGONE, "fake remote error"); }
+
+/* ncclTimeout (2.30+): a timeout */
+void t_async_timeout(void) { async_failure("8", AD_ETIMEDOUT, "fake timeout (NCCL error 8)"); }
+
+void t_shared_gpu_refused(void)
+{
+    /* ncclInvalidUsage at init (what NCCL answers for two ranks on one GPU):
+     * the message says what the NCCL found allows, then NCCL's own words */
+    static const struct {
+        const char *version, *opt_in, *expect;
+    } cases[] = {
+        {"22707", NULL, "NCCL 2.27.7 never allows that"},
+        {"23206", NULL, "NCCL 2.32.6 refuses that unless NCCL_MULTI_RANK_GPU_ENABLE=1 "
+                        "(experimental; now unset)"},
+        {"23206", "1", "(experimental; now 1)"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        ad_err err = {0};
+        ad_status st;
+        ad_nccl *h;
+        pid_t pid = fork(); /* the libraries load once per process */
+        if (pid == 0) {
+            check_reset();
+            use_fakes();
+            setenv("FAKE_NCCL_VERSION", cases[i].version, 1);
+            setenv("FAKE_NCCL_INIT_ERROR", "5", 1);
+            if (cases[i].opt_in != NULL)
+                setenv("NCCL_MULTI_RANK_GPU_ENABLE", cases[i].opt_in, 1);
+            h = open_handle(2, 1, 0, 2.0, &st, &err);
+            CHECK(h == NULL && st == AD_EEXTERNAL);
+            CHECK_MSG(strstr(err.msg, cases[i].expect) != NULL, err.msg);
+            CHECK_MSG(strstr(err.msg, "NCCL said: ") != NULL, err.msg);
+            CHECK_MSG(strstr(err.msg, "NCCL error 5") != NULL, err.msg);
+            exit(check_failed == 0 ? 0 : 1);
+        }
+        if (CHECK(pid > 0)) {
+            int status = 0;
+            CHECK(waitpid(pid, &status, 0) == pid);
+            CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) == 0, cases[i].expect);
+        }
+    }
+    {
+        /* world 1 cannot share a GPU: NCCL's message alone */
+        ad_err err = {0};
+        ad_status st;
+        use_fakes();
+        setenv("FAKE_NCCL_INIT_ERROR", "5", 1);
+        CHECK(open_handle(1, 0, 0, 2.0, &st, &err) == NULL && st == AD_EEXTERNAL);
+        CHECK_MSG(strstr(err.msg, "NCCL_MULTI_RANK_GPU_ENABLE") == NULL, err.msg);
+    }
 }
 
 void t_gpu_hang(void)
