@@ -95,3 +95,26 @@ def require_sanitizers(cc: str, workdir: Path) -> None:
 
 def sanitizer_report(*texts: str) -> bool:
     return any(m in t for t in texts for m in SANITIZER_MARKERS)
+
+
+def try_build(cc: str, sources, out: Path, *, extra=(), libs=(), timeout: int = 300) -> subprocess.CompletedProcess:
+    """The build of :func:`build` (same command), returning the compiler's
+    result instead of failing the test: for tests that expect a build to
+    fail."""
+    cmd = [cc, *COMPILE_ARGS, "-I", str(CSRC), *extra, *[str(ROOT / s) for s in sources],
+           "-o", str(out), *libs]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler ($CXX, g++, c++ or clang++), None when there is none."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cxx_args() -> list[str]:
+    """setup.py's flags for a C++ translation unit: its C standard becomes
+    C++17, everything else is kept."""
+    return [("-std=c++17" if a.startswith("-std=") else a) for a in COMPILE_ARGS]
