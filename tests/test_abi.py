@@ -265,3 +265,31 @@ def test_gpu_status_names_the_real_libraries():
         assert "no NVIDIA driver (libcuda.so.1) found" in status and "insufficient" not in status, status
     print(status)
 
+
+# ------------------------------------------- benchmarks/gpu_acceptance.py
+
+NEEDS_GPU = ("loader", "shm-2proc", "nccl-self", "nccl-timeout", "nccl-inflight", "timing",
+             "nccl-2gpu", "e2e-2gpu")
+
+
+def test_gpu_acceptance_script_on_cpu():
+    """Without a GPU the acceptance script goes as far as it can, says per line what needs a GPU, exits 0.
+    (abi is this file; emulation, which runs on the CPU instead, takes ~10 s more: both left out here.)"""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run benchmarks/gpu_acceptance.py itself (minutes)")
+    script = CSRC.parent / "benchmarks" / "gpu_acceptance.py"
+    ran = subprocess.run([sys.executable, str(script), "--skip", "abi,emulation"], capture_output=True,
+                         text=True, timeout=600, cwd=CSRC.parent)
+    report = ran.stdout + ran.stderr[-3000:]
+    assert ran.returncode == 0, report
+    lines = {m[1]: (m[0], m[2]) for m in re.findall(r"^(PASS|FAIL|SKIP) (\S+): (.*)$", ran.stdout, re.M)}
+    assert set(lines) == {*NEEDS_GPU, "multi-device"}, report
+    for name in NEEDS_GPU:
+        assert lines[name][0] == "SKIP" and "needs a GPU" in lines[name][1], (name, lines[name])
+    for name in ("nccl-self", "nccl-timeout", "nccl-inflight"):  # the real libraries were asked
+        assert "the real libraries answer: no usable CUDA device" in lines[name][1], lines[name]
+    assert re.search(r"found NCCL \d+\.\d+\.\d+ from /\S+libnccl\.so\.2", lines["loader"][1]), lines["loader"]
+    table = ran.stdout[ran.stdout.index("| check"):]
+    assert all(f"| {name} " in table for name in lines), table

@@ -20,7 +20,8 @@ the C core cannot load NCCL (``asyncdiff._core.gpu_status()`` says why).
   (printed, never asserted: run with -s to see it).
 
 Run as a script (by tests/mp.py's launch) this file is the rank worker of
-the multi-process tests.
+the multi-process tests.  benchmarks/gpu_acceptance.py runs the GPU checks
+that are not tests (failure probes, timings) and some of these again.
 """
 
 import json
