@@ -375,6 +375,17 @@ static double last_progress(const ad_shm *h, int r, int *chained)
     return 1e-9 * (double)freshest;
 }
 
+/* The first awaited rank in [lo, hi) that has not reached the target, or -1
+ * when the wait is met. */
+static int first_pending(const ad_shm *h, const wait_spec *w, int lo, int hi)
+{
+    for (int r = lo; r < hi; r++)
+        if ((w->only >= 0 || r != h->rank) &&
+            counter_of(h, w->kind, r) < w->target)
+            return r;
+    return -1;
+}
+
 /* ETIMEDOUT for rank r, silent for `quiet` seconds. */
 static ad_status report_silent(const ad_shm *h, const wait_spec *w, int r,
                                double quiet, double timeout_s, const char *op,
@@ -482,10 +493,16 @@ static ad_status wait_loop(ad_shm *h, const wait_spec *w, double timeout_s,
             for (r = 0; r < h->world; r++)
                 if (r != h->rank &&
                     atomic_load_explicit(&slot_of(h, r)->state,
-                                         memory_order_acquire) == SLOT_FAILED)
+                                         memory_order_acquire) == SLOT_FAILED) {
+                    /* What we waited for may have come meanwhile (from r
+                     * itself, before it failed): then the wait is met. */
+                    pending = first_pending(h, w, lo, hi);
+                    if (pending < 0)
+                        return AD_OK;
                     return report_gone(h, w, r, pending,
                                        "has failed (detached after an error)",
                                        op, err);
+                }
         if (silent >= 0)
             return report_silent(h, w, silent, silence, timeout_s, op, err);
 

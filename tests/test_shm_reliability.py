@@ -41,9 +41,11 @@ def _rank_main(fn, name, world, rank, conn, args):
     code = 0
     try:
         h = _core.ShmTransport(name, world, rank, rank == 0, T)
-        h.barrier(T)
-        if rank == 0:
-            _core.shm_unlink(name)
+        try:
+            h.barrier(T)
+        finally:
+            if rank == 0:
+                _core.shm_unlink(name)
         conn.send(("ok", fn(h, rank, name, *args)))
         h.detach(False)
     except BaseException as exc:  # reported to the test, which fails with it
@@ -79,6 +81,9 @@ def run_ranks(fn, world, *args, limit=60.0, killed=()):
                 os.kill(p.pid, signal.SIGCONT)
                 p.kill()
             p.join()
+    left = sorted(e.name for e in Path("/dev/shm").iterdir() if e.name.startswith(name[1:]))
+    for entry in left:  # removed before any check fails
+        os.unlink(Path("/dev/shm") / entry)
     results = []
     for rank, (p, conn) in enumerate(zip(procs, conns)):
         if rank in killed:
@@ -89,9 +94,6 @@ def run_ranks(fn, world, *args, limit=60.0, killed=()):
         status, value = conn.recv()
         assert status == "ok", f"rank {rank}: {value}"
         results.append(value)
-    left = sorted(e.name for e in Path("/dev/shm").iterdir() if e.name.startswith(name[1:]))
-    for entry in left:
-        os.unlink(Path("/dev/shm") / entry)
     assert not left, f"left in /dev/shm: {left}"
     return results
 
