@@ -60,7 +60,21 @@ class AsyncDiff:
 
     def __init__(self, pipeline, model_n: int = 2, stride: int = 1, warm_up: int = 1,
                  time_shift: bool = False, *, split=None, transport: str = "auto", timeout: float = 300.0):
-        self.config = AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout)
+        # Under torchrun the ranks meet before anything is checked, so that an
+        # error on one rank (a bad argument included) reaches the others at
+        # once instead of leaving them waiting (docs/design.md §8).
+        board = launch.board_if_launched(transport, timeout)
+        try:
+            self._attach(pipeline, AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout),
+                         board)
+        except BaseException as exc:
+            if board is not None:
+                board.fail(exc)
+            raise
+
+    def _attach(self, pipeline, config: AsyncDiffConfig, board):
+        self.config = config
+        model_n = config.model_n
         denoiser = _denoiser_of(pipeline)
         if not hasattr(getattr(pipeline, "scheduler", None), "timesteps"):
             raise TypeError(f"pipeline: {type(pipeline).__name__} has no scheduler with timesteps")
@@ -87,7 +101,9 @@ class AsyncDiff:
         if rank is None:
             self._mode = Emulation(self.config.world_size, {})
         else:
-            self._mode = self._open_rank(rank)
+            from .transport import join
+
+            self._mode = self._open_rank(board if board is not None else join(self.config.timeout))
         self._loop = Loop(self.config, pipeline, denoiser, self._state, self._prepare, self._mode, self.counts)
         self._hook(denoiser, hooks.DenoiserHook(self._loop), hooks.DENOISER_HOOK)
         if self.split is not None:
@@ -168,8 +184,8 @@ class AsyncDiff:
             self._mode.plan = ExchangePlan.trace(self.config, self.layout, self.split, self.denoiser,
                                                  bound.args, bound.kwargs, forward=forward)
 
-    def _open_rank(self, rank: int):
-        """This process is rank ``rank``: its device, the transport, one progress bar."""
+    def _open_rank(self, board):
+        """This process is rank ``board.rank``: its device, the transport, one progress bar."""
         from . import transport
         from .rank import RankStep
 
@@ -181,10 +197,9 @@ class AsyncDiff:
             self._move_pipeline(device)
         facts = {**self.config.summary(), "denoiser": f"{type(self.denoiser).__name__}/{self.layout.family}/"
                                                       f"{len(self.layout.fine_units())} units"}
+        rank = board.rank
         try:
-            link = transport.open_transport(self.config.transport, rank, self.config.world_size,
-                                            transport.next_instance(), self.config.timeout, device=device,
-                                            facts=facts)
+            link = transport.open_transport(self.config.transport, board, device=device, facts=facts)
         except BaseException:
             self._restore_devices()
             raise
@@ -193,7 +208,7 @@ class AsyncDiff:
                               "config": copy.copy(getattr(self.pipeline, "_progress_bar_config", {}))}
             self.pipeline.set_progress_bar_config(disable=True)
         log.info("rank %d of %d: %s transport, denoiser on %s", rank, self.config.world_size, link.kind, device)
-        return RankStep(rank, {}, link)
+        return RankStep(rank, {}, link, board)
 
     def _move_pipeline(self, device):
         for component in getattr(self.pipeline, "components", {}).values():

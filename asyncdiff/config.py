@@ -164,12 +164,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, warm_up: int = 1) -> argpa
 
 
 def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AsyncDiffConfig:
-    """The config the parsed flags describe; a bad combination is a
-    command-line error (``parser.error``), before any work is done."""
+    """The config the parsed flags describe; a bad combination, or a torchrun
+    launch of the wrong size for it, is a command-line error
+    (``parser.error``), before any work is done."""
+    from . import launch
+
     try:
-        return AsyncDiffConfig(model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
-                               time_shift=args.time_shift, split=args.split, transport=args.transport,
-                               timeout=args.timeout)
+        config = AsyncDiffConfig(model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
+                                 time_shift=args.time_shift, split=args.split, transport=args.transport,
+                                 timeout=args.timeout)
+        launch.rank_if_launched(config)  # a launch of the wrong size, before any model is loaded
+        return config
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
         raise  # parser.error exits; this keeps type checkers informed

@@ -45,5 +45,14 @@ class Emulation:
                 self.published.update(p.stores)
         return outs[self._result]
 
+    def start(self, call) -> None:
+        pass  # one process: nothing to agree on
+
+    def busy(self, flag: bool) -> None:
+        pass  # nobody waits for this process
+
+    def fail(self, exc: BaseException) -> None:
+        self.published = {}  # the next call starts afresh
+
     def close(self, failed: bool = False):
         self.published = {}

@@ -6,28 +6,96 @@ keeps the outputs it stores as its cache, and, when the plan has a transport
 event, sends and receives what the exchange plan (``exchange.py``) says:
 owners deliver their fresh outputs to the ranks that read them, the result
 rank hands the denoiser output to everyone.
+
+At the first denoiser call of every pipeline call the ranks compare, in one
+small all-gather, what the schedule depends on (the steps, the timesteps,
+the latents' shape and dtype, the other inputs' shapes); every exchange
+event carries (pipeline call, denoiser call k), which the receiving side
+checks.  An error during a call marks the transport failed with its message,
+so the peers raise at once, and this instance refuses further calls
+(docs/design.md §8).
 """
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import torch
 
+from . import _core, launch
 from .exchange import RESULT, ExchangePlan, Slots
 from .outputs import flatten, unflatten
 from .step import Pass
 
 
+def call_record(call, number: int, config) -> dict:
+    """What the ranks must agree on for one pipeline call (JSON, small)."""
+    t = call.timesteps.detach().float().cpu()
+    latents = call.inputs[0] if call.inputs else (None, None, (), None)
+    others = ";".join(f"{n}[{key}]:{tuple(shape)}:{dtype}" for n, key, shape, dtype in call.inputs[1:])
+    return {
+        "pipeline call": number,
+        "denoising steps (num_inference_steps)": call.steps,
+        "timesteps": f"{float(t[0]):g}..{float(t[-1]):g} (crc {zlib.crc32(t.numpy().tobytes()):08x})",
+        **{name: value for name, value in config.summary().items() if name in ("warm_up", "time_shift")},
+        "batch": latents[2][0] if latents[2] else None,
+        "latents": f"{'x'.join(map(str, latents[2]))} {str(latents[3]).replace('torch.', '')}",
+        "other inputs' shapes": f"crc {zlib.crc32(others.encode()):08x}",
+    }
+
+
 class RankStep:
-    def __init__(self, rank: int, units_of: dict, transport):
+    def __init__(self, rank: int, units_of: dict, transport, board=None):
         self.rank = rank
         self.units_of = units_of  # component -> frozenset of its units
         self.transport = transport
+        self.board = board  # the launch store, for transports without an all-gather of their own
         self.kind = transport.kind if transport is not None else "shm"
         self.plan: ExchangePlan | None = None
         self.cache: dict = {}  # unit -> (spec, tensors): what this rank replays
         self.slots: Slots | None = None
         self.seq = 0  # transport events so far (alike on every rank)
         self.synced_seq = -1  # the event that last delivered the owners' outputs
+        self.calls = 0  # pipeline calls begun (alike on every rank)
+        self.failed: str | None = None  # why an earlier call failed
+
+    def busy(self, flag: bool) -> None:
+        """This rank is computing (peers wait for it however long it takes) or not
+        (a peer waiting for it fails after ``timeout`` seconds of silence)."""
+        if self.transport is not None and hasattr(self.transport, "busy"):
+            self.transport.busy(flag)
+
+    def fail(self, exc: BaseException) -> None:
+        """An error during a call: tell the peers, refuse further calls."""
+        if self.failed is None:
+            self.failed = f"{type(exc).__name__}: {exc}"
+            if self.transport is not None:
+                if hasattr(self.transport, "fail"):
+                    self.transport.fail(self.failed)  # the peers' waits end with this message
+                self.transport.close(failed=True)
+                self.transport = None
+
+    def _agree(self, call, config) -> None:
+        """Raise, on every rank alike, when the ranks' pipeline calls differ."""
+        record = call_record(call, self.calls, config)
+        if hasattr(self.transport, "allgather"):
+            blobs = self.transport.allgather(json.dumps(record, separators=(",", ":")).encode())
+            every = [json.loads(b) for b in blobs]
+        else:
+            every = launch.gather(self.board, f"call/{self.calls}", record)
+        differ = launch.disagreement(every)
+        if differ is not None:
+            raise ValueError(f"{differ}; the ranks' pipeline calls differ: every rank must call the pipeline "
+                             "with the same arguments (prompt batch, num_inference_steps, strength, size, ...)")
+
+    def start(self, call) -> None:
+        """A pipeline call begins (its first denoiser call): check the ranks agree on it."""
+        if self.failed is not None:
+            raise _core.AsyncDiffError(f"AsyncDiff: an earlier pipeline call failed ({self.failed}); the ranks "
+                                       "are out of step: call remove() and attach a new AsyncDiff")
+        self.calls += 1
+        self._agree(call, call.config)
 
     def begin(self, call, k: int) -> list:
         self._plan = plan = call.schedule.plan(self.rank, k)
@@ -42,6 +110,7 @@ class RankStep:
 
     def finish(self, call, k: int, passes: list, outs: list):
         plan, p, out = self._plan, passes[0], outs[0]
+        self._k = k
         if plan.store:
             stored = {u: (spec, [t.contiguous() for t in ts]) for u, (spec, ts) in p.stores.items()}
             if plan.warmup:
@@ -80,7 +149,7 @@ class RankStep:
             incoming.append((m.peers[0], m.offset, got))
         if plan.receive:
             self.synced_seq = self.seq
-        self.transport.exchange(self.seq, outgoing, incoming)
+        self.transport.exchange(self.seq, outgoing, incoming, tag=(self.calls << 32) | self._k)
         self.cache.update(fresh)
         return out
 

@@ -48,6 +48,7 @@ class Call:
     timesteps: torch.Tensor  # T, as the pipeline passes them
     schedule: object  # _core.Schedule for len(T)
     inputs: tuple  # shapes and dtypes of the first call's tensor inputs
+    config: object = None  # the AsyncDiffConfig this call runs with (reset_state may change warm_up)
     k: int = 0
 
     @property
@@ -134,15 +135,24 @@ class Loop:
 
     @torch.compiler.disable(recursive=False)
     def __call__(self, forward, args, kwargs):
-        call, k, runs = self._begin(forward, args, kwargs)
-        outs = []
-        for p, a, kw in runs:
-            self.state.current = p
-            try:
-                outs.append(forward(*a, **kw))
-            finally:
-                self.state.current = None
-        return self._finish(call, k, [p for p, _, _ in runs], outs)
+        mode = self.mode
+        mode.busy(True)
+        try:
+            call, k, runs = self._begin(forward, args, kwargs)
+            outs = []
+            for p, a, kw in runs:
+                self.state.current = p
+                try:
+                    outs.append(forward(*a, **kw))
+                finally:
+                    self.state.current = None
+            return self._finish(call, k, [p for p, _, _ in runs], outs)
+        except BaseException as exc:
+            mode.fail(exc)  # the other ranks learn it now, not after `timeout` (docs/design.md §8)
+            self.call = None
+            raise
+        finally:
+            mode.busy(False)
 
     @torch.compiler.disable
     def _begin(self, forward, args, kwargs):
@@ -155,9 +165,11 @@ class Loop:
             timesteps = locate_timesteps(self.pipeline.scheduler, t)
             schedule = _core.Schedule(self.config.model_n, self.config.stride, self.config.warm_up,
                                       int(self.config.time_shift), len(timesteps))
-            call = self.call = Call(source, timesteps, schedule, _shapes(bound, self.t_name))
+            call = self.call = Call(source, timesteps, schedule, _shapes(bound, self.t_name), self.config)
         k = call.k
         self._check(call, k, t, bound)
+        if k == 0:
+            self.mode.start(call)
         if self.prepare is not None:
             self.prepare(forward, bound)
             self.prepare = None

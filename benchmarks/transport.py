@@ -69,7 +69,7 @@ def worker(args):
     job = json.loads(Path(args.job).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
-    store = launch.store(launch.from_env(), "bench/", args.timeout)  # the process group's store
+    store = launch.join(launch.from_env(), "bench/", args.timeout)  # the process group's store
     shm = ShmTransport(rank, world, args.timeout, store)
     shm.reserve(max(c["bytes"] for c in job["cases"]))
     seq = 0

@@ -109,9 +109,9 @@ def test_open_transport_nccl_fails_before_any_rendezvous(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match=r"transport: 'nccl' is not usable here"):
-        transport.open_transport("nccl", 0, 2, 0, 5.0, device="cuda:0")
+        transport.open_transport("nccl", None, device="cuda:0")  # no board needed to refuse
     with pytest.raises(ValueError, match="transport"):
-        transport.open_transport("pigeon", 0, 2, 0, 5.0)
+        transport.open_transport("pigeon", None)
 
 
 @pytest.fixture(scope="module")

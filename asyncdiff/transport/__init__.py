@@ -1,10 +1,10 @@
 """The transports: tensors in, bytes moved by the C core (docs/design.md §5).
 
-``open_transport(kind, rank, world, instance, timeout, device=None, facts=None)``
-rendezvouses the ranks through the launch store, checks that they agree on
-``facts`` (their AsyncDiff configuration), and returns an object with
-``reserve(nbytes)`` (collective), ``exchange(seq, sends, recvs)`` and
-``close(failed)``; every wait happens in C with the GIL released.  Emulation
+``open_transport(kind, board, device=None, facts=None)`` checks, through the
+launch store (``launch.Board``), that the ranks agree on ``facts`` (their
+AsyncDiff configuration), and returns an object with ``reserve(nbytes)``
+(collective), ``exchange(seq, sends, recvs)`` and ``close(failed)``; every
+wait happens in C with the GIL released.  Emulation
 needs no transport at all (one process holds every rank's outputs).
 
 Kinds:
@@ -36,7 +36,7 @@ from .shm import ShmTransport
 KINDS = ("auto", "shm", "nccl")
 _instances = itertools.count()  # AsyncDiff instances of this process: one store prefix each
 
-__all__ = ["KINDS", "available", "gpu_status", "check_transport", "open_transport", "next_instance",
+__all__ = ["KINDS", "available", "gpu_status", "check_transport", "open_transport", "join", "next_instance",
            "ShmTransport", "NcclTransport"]
 
 
@@ -65,7 +65,7 @@ def next_instance() -> int:
     return next(_instances)
 
 
-def _choose(rank: int, world: int, rv, store, device) -> str:
+def _choose(board, rv, device) -> str:
     """Collective choice for ``"auto"``: every rank states what it can do,
     then all pick the same transport from the same statements."""
     host = socket.gethostname()
@@ -80,7 +80,8 @@ def _choose(rank: int, world: int, rv, store, device) -> str:
             mine["why"] = str(exc)
     else:
         mine["why"] = f"denoiser on {device}"
-    votes = launch.gather(store, "auto", rank, world, mine)
+    votes = launch.gather(board, "auto", mine)
+    world = board.world
     gpus = [v["gpu"] for v in votes]
     if all(v["nccl"] for v in votes) and len(set(gpus)) == world:
         return "nccl"
@@ -92,23 +93,28 @@ def _choose(rank: int, world: int, rv, store, device) -> str:
                      f"is not usable on every rank ({reasons})")
 
 
-def open_transport(kind: str, rank: int, world: int, instance: int, timeout: float, device=None,
-                   facts: dict | None = None):
-    """Rendezvous and open a transport of ``kind`` (``"auto"``, ``"shm"`` or
-    ``"nccl"``) for rank ``rank`` of ``world``; ``device`` is where the
-    denoiser's tensors live; ``facts`` what every rank must agree on (a
-    mismatch raises on every rank, naming the entry and both values)."""
+def open_transport(kind: str, board, device=None, facts: dict | None = None):
+    """Open a transport of ``kind`` (``"auto"``, ``"shm"`` or ``"nccl"``) for
+    this rank of the launch ``board`` (a ``launch.Board``); ``device`` is
+    where the denoiser's tensors live; ``facts`` what every rank must agree on
+    (a mismatch raises on every rank, naming the entry and both values)."""
     if kind not in KINDS:
         raise ValueError(f"transport: unknown transport {kind!r} (expected one of {', '.join(KINDS)})")
     if kind == "nccl":
         nccl.check(device if device is not None else nccl.cuda_device(None))
     rv = launch.from_env()
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = launch.store(rv, f"asyncdiff/{restart}/{instance}/", timeout)
     if facts is not None:
-        launch.agree(store, rank, world, json.loads(json.dumps(facts)))
+        launch.agree(board, json.loads(json.dumps(facts)))
     if kind == "auto":
-        kind = _choose(rank, world, rv, store, device)
+        kind = _choose(board, rv, device)
     if kind == "shm":
-        return ShmTransport(rank, world, timeout, store)
-    return NcclTransport(rank, world, timeout, store, device=device)
+        return ShmTransport(board.rank, board.world, board.timeout, board)
+    return NcclTransport(board.rank, board.world, board.timeout, board, device=device)
+
+
+def join(timeout: float):
+    """This process's ``launch.Board`` for a new AsyncDiff instance (one
+    store prefix per instance, numbered alike on every rank)."""
+    rv = launch.from_env()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return launch.join(rv, f"asyncdiff/{restart}/{next_instance()}/", timeout)

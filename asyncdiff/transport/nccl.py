@@ -131,8 +131,10 @@ class NcclTransport:
         u8(t)  # contiguity
         return t
 
-    def exchange(self, seq: int, sends, recvs):
-        """One event (``seq`` is implied by the order of calls).  Each send
+    def exchange(self, seq: int, sends, recvs, tag: int = 0):
+        """One event (``seq`` is implied by the order of calls; ``tag``, the
+        event's identity, is not sent: NCCL pairs messages by order, and the
+        ranks compared every call's arguments before its first event).  Each send
         goes to each of its destinations; items to one peer are paired with
         that peer's items by slot offset, which is the same on every rank.
         Empty tensors are skipped on both sides."""

@@ -94,11 +94,29 @@ class ShmTransport:
             self._handle = _core.ShmTransport(name, world, rank, False, timeout)
         try:
             self._handle.barrier(timeout)  # everyone has mapped the control segment
-        finally:
-            if rank == 0:
-                _core.shm_unlink(name)  # from now on nothing is left in /dev/shm, whatever happens
+        except BaseException:
+            # whoever is left removes the name: its creator may have been killed
+            _core.shm_unlink(name)
+            self._handle.detach(True)
+            raise
+        if rank == 0:
+            _core.shm_unlink(name)  # from now on nothing is left in /dev/shm, whatever happens
         self._pinned: _PinnedPool | None = None  # made on the first CUDA tensor
         self._finalizer = weakref.finalize(self, _core.ShmTransport.detach, self._handle, False)
+
+    def busy(self, flag: bool) -> None:
+        """Whether this rank is running a denoiser call: while it is, its
+        heartbeat tells the peers waiting for it to keep waiting (``timeout``
+        bounds silence; docs/design.md §5.1)."""
+        self._handle.busy(flag)
+
+    def fail(self, message: str) -> None:
+        """Mark this rank failed with ``message``: every peer's wait ends with it."""
+        self._handle.fail(message)
+
+    def allgather(self, record: bytes) -> list:
+        """Every rank's ``record`` (at most 256 bytes), in rank order."""
+        return self._handle.allgather(record, self.timeout)
 
     def reserve(self, nbytes: int):
         """Collective: room for ``nbytes`` of slots (all ranks pass the same)."""
@@ -109,9 +127,11 @@ class ShmTransport:
             self._pinned = _PinnedPool()
         return self._pinned
 
-    def exchange(self, seq: int, sends, recvs):
+    def exchange(self, seq: int, sends, recvs, tag: int = 0):
         """One event.  ``sends``: (destination ranks, offset, tensor);
-        ``recvs``: (source rank, offset, tensor to fill).  Each sent slot is
+        ``recvs``: (source rank, offset, tensor to fill); ``tag``: the event's
+        identity ((pipeline call << 32) | denoiser call), which every receiver
+        checks against its own.  Each sent slot is
         written once into shared memory, whatever the number of readers.
         CUDA tensors go through pinned host buffers: device-to-host copies
         before the publish (waited for), host-to-device copies after the
@@ -130,7 +150,7 @@ class ShmTransport:
                 items.append((off, _host_bytes(t)))
         for dev in downloads:
             torch.cuda.current_stream(dev).synchronize()
-        self._handle.publish(seq, items, self.timeout)
+        self._handle.publish(seq, items, self.timeout, tag=tag)
         by_src: dict[int, list] = {}
         uploads = []
         for src, off, t in recvs:
@@ -142,7 +162,7 @@ class ShmTransport:
                 target = _host_bytes(t)
             by_src.setdefault(src, []).append((off, target))
         for src in sorted(by_src):
-            self._handle.fetch(seq, src, by_src[src], self.timeout)
+            self._handle.fetch(seq, src, by_src[src], self.timeout, tag=tag)
         self._handle.ack(seq)
         if uploads:
             for t, buf in uploads:
