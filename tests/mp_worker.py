@@ -28,13 +28,6 @@ def run(config: dict, pipe, rank: int):
     kwargs = tiny.default_call_kwargs(config["arch"])
     kwargs["num_inference_steps"] = config.get("steps", kwargs.get("num_inference_steps", 6))
     kwargs.pop("generator")
-    die = config.get("die")
-    if die and die["rank"] == rank:
-        def stop(_pipe, step, _t, cb_kwargs):
-            if step == die["step"]:
-                os._exit(3)
-            return cb_kwargs
-        kwargs["callback_on_step_end"] = stop
     pipe.set_progress_bar_config(disable=False)  # as a user has it; AsyncDiff keeps rank 0's alone
     ad = AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], warm_up=config["warm_up"],
                    time_shift=config.get("time_shift", False), split=config.get("split"),
