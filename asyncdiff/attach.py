@@ -37,6 +37,39 @@ def _denoiser_of(pipeline) -> torch.nn.Module:
                     "AsyncDiff needs a diffusers pipeline")
 
 
+class _Changes:
+    """What attaching changed on the pipeline beyond hooks, undone by ``undo``:
+    components moved to the rank's device, rank > 0's progress bar turned off."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.moved: dict = {}  # pipeline component -> the device it was on
+        self.progress: dict | None = None
+
+    def move(self, device) -> None:
+        for component in getattr(self.pipeline, "components", {}).values():
+            if isinstance(component, torch.nn.Module):
+                before = launch.device_of(component)
+                if before != device:
+                    self.moved[component] = before
+                    component.to(device)
+
+    def quiet(self) -> None:
+        self.progress = {"had": hasattr(self.pipeline, "_progress_bar_config"),
+                         "config": copy.copy(getattr(self.pipeline, "_progress_bar_config", {}))}
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def undo(self) -> None:
+        for component, device in self.moved.items():
+            component.to(device)
+        self.moved.clear()
+        if self.progress is not None:
+            self.pipeline._progress_bar_config = self.progress["config"]
+            if not self.progress["had"]:
+                del self.pipeline._progress_bar_config
+            self.progress = None
+
+
 class AsyncDiff:
     """Asynchronous denoising over ``model_n`` components (AsyncDiff, NeurIPS 2024).
 
@@ -91,8 +124,7 @@ class AsyncDiff:
         self.counts: Counter = Counter()  # (rank, unit) -> executions in the asynchronous phase
         self._state = hooks.BlockState()
         self._hooked: list = []  # (module, hook name, registry made for it)
-        self._moved: dict = {}  # pipeline component -> the device it was on
-        self._progress: dict | None = None
+        self._changes = _Changes(pipeline)
         if self.config.transport == "nccl":  # say at once when NCCL cannot run here at all
             from .transport import nccl
 
@@ -154,14 +186,7 @@ class AsyncDiff:
             hooks.unregister(module, name, created)
         self._hooked.clear()
         self._mode.close(failed=False)
-        for component, device in self._moved.items():
-            component.to(device)
-        self._moved.clear()
-        if self._progress is not None:
-            self.pipeline._progress_bar_config = self._progress["config"]
-            if not self._progress["had"]:
-                del self.pipeline._progress_bar_config
-            self._progress = None
+        self._changes.undo()
 
     # ----------------------------------------------------------------- setup
     def _hook(self, module, hook, name):
@@ -194,31 +219,16 @@ class AsyncDiff:
             # one GPU per rank: cuda:LOCAL_RANK, unless the user placed the pipeline already
             device = launch.rank_device()
             torch.cuda.set_device(device)
-            self._move_pipeline(device)
+            self._changes.move(device)
         facts = {**self.config.summary(), "denoiser": f"{type(self.denoiser).__name__}/{self.layout.family}/"
                                                       f"{len(self.layout.fine_units())} units"}
         rank = board.rank
         try:
             link = transport.open_transport(self.config.transport, board, device=device, facts=facts)
         except BaseException:
-            self._restore_devices()
+            self._changes.undo()
             raise
         if rank != 0:
-            self._progress = {"had": hasattr(self.pipeline, "_progress_bar_config"),
-                              "config": copy.copy(getattr(self.pipeline, "_progress_bar_config", {}))}
-            self.pipeline.set_progress_bar_config(disable=True)
+            self._changes.quiet()
         log.info("rank %d of %d: %s transport, denoiser on %s", rank, self.config.world_size, link.kind, device)
         return RankStep(rank, {}, link, board)
-
-    def _move_pipeline(self, device):
-        for component in getattr(self.pipeline, "components", {}).values():
-            if isinstance(component, torch.nn.Module):
-                before = launch.device_of(component)
-                if before != device:
-                    self._moved[component] = before
-                    component.to(device)
-
-    def _restore_devices(self):
-        for component, device in self._moved.items():
-            component.to(device)
-        self._moved.clear()
