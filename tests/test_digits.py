@@ -138,3 +138,18 @@ def test_demo_runs_in_emulation(tmp_path, capsys):
                                         ("true", True), ("1", True)])
 def test_demo_time_shift_is_a_real_boolean(text, value):
     assert demo.parse_args(["--time_shift", text]).time_shift is value
+
+
+@pytest.mark.parametrize("argv, env, text", [
+    (["--stride", "3"], {}, "--stride: invalid choice: 3"),
+    (["--warm_up", "0"], {}, "--warm_up"),
+    (["--timeout", "inf"], {}, "timeout:"),
+    (["--model_n", "3"], {"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "1"}, "world size: torchrun started 2"),
+])
+def test_demo_refuses_bad_flags_before_any_work(monkeypatch, capsys, argv, env, text):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        demo.parse_args(argv)  # the flags alone: no model is loaded, no baseline runs
+    assert info.value.code == 2
+    assert text in capsys.readouterr().err
