@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from . import arch, hooks, launch, splits
 from .config import AsyncDiffConfig
 from .emulate import Emulation
+from .threads import Threads
 from .exchange import ExchangePlan
 from .step import Loop
 
@@ -88,18 +89,21 @@ class AsyncDiff:
         ``"emulate"``, ``"shm"`` or ``"nccl"``.  Under torchrun with CUDA
         available, a pipeline still on the CPU is moved to ``cuda:LOCAL_RANK``
         (and moved back by ``remove()``).
-    timeout: seconds any wait for another rank may take before it raises.
+    timeout: seconds of silence any wait for another rank may last before it raises.
+    devices: one device per rank, all driven by this process, one thread
+        each (``["cpu", "cpu"]``: the speed-up without torchrun, e.g. in Jupyter).
     """
 
     def __init__(self, pipeline, model_n: int = 2, stride: int = 1, warm_up: int = 1,
-                 time_shift: bool = False, *, split=None, transport: str = "auto", timeout: float = 300.0):
+                 time_shift: bool = False, *, split=None, transport: str = "auto", timeout: float = 300.0,
+                 devices=None):
         # Under torchrun the ranks meet before anything is checked, so that an
         # error on one rank (a bad argument included) reaches the others at
         # once instead of leaving them waiting (docs/design.md §8).
         board = launch.board_if_launched(transport, timeout)
         try:
-            self._attach(pipeline, AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout),
-                         board)
+            self._attach(pipeline, AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout,
+                                                   devices), board)
         except BaseException as exc:
             if board is not None:
                 board.fail(exc)
@@ -130,7 +134,12 @@ class AsyncDiff:
 
             nccl.check(None)
         rank = launch.rank_if_launched(self.config)
-        if rank is None:
+        if rank is not None and self.config.devices is not None:
+            raise ValueError("devices: under torchrun each process drives one device (cuda:LOCAL_RANK); "
+                             "drop devices=, or run without torchrun to drive them all from one process")
+        if self.config.devices is not None:
+            self._mode = Threads(self.config.world_size, {}, self.config.devices)
+        elif rank is None:
             self._mode = Emulation(self.config.world_size, {})
         else:
             from .transport import join
@@ -152,7 +161,8 @@ class AsyncDiff:
 
     @property
     def mode(self) -> str:
-        """"emulate", or the transport of a multi-process run ("shm", "nccl")."""
+        """"emulate", "threads" (devices= in one process), or the transport of a multi-process run
+        ("shm", "nccl")."""
         return self._mode.kind
 
     @property

@@ -17,6 +17,8 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from . import _core
 
 # Limits the C core accepts (csrc/schedule.c takes C ints; waits are capped).
@@ -67,6 +69,29 @@ def _normalise_split(split):
                     f"got {type(split).__name__}")
 
 
+def _normalise_devices(devices):
+    """None, or a tuple of device names (all of one type; CPU only for now)."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        raise ValueError(f"devices: expected a list of devices, e.g. ['cpu', 'cpu'], got {devices!r}")
+    if not isinstance(devices, (list, tuple)) or not devices:
+        raise TypeError(f"devices: expected a non-empty list of devices, got {type(devices).__name__}")
+    names = []
+    for d in devices:
+        try:
+            names.append(str(torch.device(d)))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"devices: {d!r} is not a device") from None
+    kinds = {torch.device(n).type for n in names}
+    if len(kinds) > 1:
+        raise ValueError(f"devices: mixed device types {sorted(kinds)}; give devices of one type")
+    if kinds != {"cpu"}:
+        raise ValueError(f"devices: {names[0]}: several devices in one process run on the CPU only for now; "
+                         "for GPUs launch one process per GPU with torchrun")
+    return tuple(names)
+
+
 @dataclass(frozen=True)
 class AsyncDiffConfig:
     """What AsyncDiff runs with; validated when made.
@@ -78,7 +103,9 @@ class AsyncDiffConfig:
     split: None (the paper's preset when the architecture has one, else
         "auto"), "auto", "paper", or an explicit split.
     transport: "auto", "emulate", "shm" or "nccl".
-    timeout: seconds any wait for another rank may last, in (0, 1e9].
+    timeout: seconds of silence any wait for another rank may last, in (0, 1e9].
+    devices: None, or one device per rank (model_n + stride - 1) driven by
+        this one process, one thread each (``["cpu", "cpu"]``).
     """
 
     model_n: int = 2
@@ -88,6 +115,7 @@ class AsyncDiffConfig:
     split: object = field(default=None)
     transport: str = "auto"
     timeout: float = 300.0
+    devices: tuple | None = None
 
     def __post_init__(self):
         check_int("model_n", self.model_n)
@@ -99,6 +127,14 @@ class AsyncDiffConfig:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {', '.join(map(repr, TRANSPORTS))}, got {self.transport!r}")
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
+        object.__setattr__(self, "devices", _normalise_devices(self.devices))
+        if self.devices is not None:
+            if len(self.devices) != self.world_size:
+                raise ValueError(f"devices: {len(self.devices)} given, but model_n + stride - 1 = {self.world_size} "
+                                 "components need one each")
+            if self.transport not in ("auto", "emulate"):
+                raise ValueError(f"devices: one process drives every device; transport={self.transport!r} is for "
+                                 "a launch with one process per rank")
 
     @property
     def world_size(self) -> int:

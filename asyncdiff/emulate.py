@@ -11,10 +11,11 @@ and calls where no rank computes are alike on every rank and run once.
 
 from __future__ import annotations
 
-from .step import Pass
+from .step import Pass, run_in_turn
 
 
 class Emulation:
+    run = staticmethod(run_in_turn)  # the forwards of a call, one after another
     kind = "emulate"
     rank = 0
 

@@ -19,6 +19,7 @@ regions.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -29,11 +30,10 @@ DENOISER_HOOK = "asyncdiff_denoiser"
 BLOCK_HOOK = "asyncdiff_block"
 
 
-class BlockState:
+class BlockState(threading.local):
     """What the block hooks of one AsyncDiff read: the current pass, or None
-    outside AsyncDiff's own forwards (then every block simply runs)."""
-
-    __slots__ = ("current",)
+    outside AsyncDiff's own forwards (then every block simply runs).  One
+    value per thread: in-process devices run their passes in threads."""
 
     def __init__(self):
         self.current = None

@@ -26,7 +26,7 @@ import torch
 from . import _core, launch
 from .exchange import RESULT, ExchangePlan, Slots
 from .outputs import flatten, unflatten
-from .step import Pass
+from .step import Pass, run_in_turn
 
 
 def call_record(call, number: int, config) -> dict:
@@ -46,6 +46,8 @@ def call_record(call, number: int, config) -> dict:
 
 
 class RankStep:
+    run = staticmethod(run_in_turn)  # the forwards of a call, one after another
+
     def __init__(self, rank: int, units_of: dict, transport, board=None):
         self.rank = rank
         self.units_of = units_of  # component -> frozenset of its units

@@ -107,6 +107,19 @@ def _shapes(bound: inspect.BoundArguments, skip: str) -> tuple:
     return tuple(out)
 
 
+def run_in_turn(forward, runs: list, state) -> list:
+    """Run the forwards of ``runs`` ((pass, args, kwargs)) one after another in
+    this thread, each with its pass visible to the block hooks."""
+    outs = []
+    for p, a, kw in runs:
+        state.current = p
+        try:
+            outs.append(forward(*a, **kw))
+        finally:
+            state.current = None
+    return outs
+
+
 class Loop:
     """The body of the denoiser hook (see the module docstring).
 
@@ -139,13 +152,7 @@ class Loop:
         mode.busy(True)
         try:
             call, k, runs = self._begin(forward, args, kwargs)
-            outs = []
-            for p, a, kw in runs:
-                self.state.current = p
-                try:
-                    outs.append(forward(*a, **kw))
-                finally:
-                    self.state.current = None
+            outs = mode.run(forward, runs, self.state)
             return self._finish(call, k, [p for p, _, _ in runs], outs)
         except BaseException as exc:
             mode.fail(exc)  # the other ranks learn it now, not after `timeout` (docs/design.md §8)
