@@ -5,7 +5,9 @@ Rows, all measured in one run, each configuration in fresh processes:
 * plain pipeline, 1 process x 1 thread (the baseline of the speed-ups);
 * plain pipeline, 1 process x M threads (what the same cores give without AsyncDiff);
 * AsyncDiff ``model_n=N, stride=S`` over M = N + S - 1 rank processes x 1
-  thread each, shared-memory transport, started with the torchrun variables.
+  thread each, shared-memory transport, started with the torchrun variables;
+* AsyncDiff in-process: the same in one process, ``devices=["cpu"] * M``,
+  one worker thread per rank (1 intra-op thread each), no torchrun.
 
 Models:
 
@@ -112,13 +114,15 @@ def worker(args):
     torch.manual_seed(args.seed)
     pipe, call = build(job["model"], args)
     ad, barrier = None, (lambda: None)
-    if job["mode"] == "asyncdiff":
+    if job["mode"] in ("asyncdiff", "threads"):
         from asyncdiff import AsyncDiff
 
+        world = args.model_n + args.stride - 1
         ad = AsyncDiff(pipe, model_n=args.model_n, stride=args.stride, warm_up=args.warm_up, split=args.split,
-                       timeout=args.timeout)
+                       timeout=args.timeout, devices=["cpu"] * world if job["mode"] == "threads" else None)
         # every rank enters each timed call together (the transport's barrier, when it has one)
-        barrier = getattr(getattr(ad, "_transport", None), "barrier", None) or barrier
+        link = getattr(getattr(ad, "_mode", None), "transport", None)
+        barrier = getattr(link, "barrier", None) or barrier
     with torch.no_grad():
         for _ in range(args.warmup_calls):
             barrier()
@@ -181,7 +185,7 @@ def main(argv=None):
     for m in models:
         if m not in ("sd15", "digits"):
             raise SystemExit(f"--models: unknown model {m!r} (expected sd15, digits)")
-    configs = [("plain", 1, 1), ("plain", 1, world), ("asyncdiff", world, 1)]
+    configs = [("plain", 1, 1), ("plain", 1, world), ("asyncdiff", world, 1), ("threads", 1, world)]
     configs = list(dict.fromkeys(configs))  # world 1: the first two are the same
     _util.preamble(
         "End-to-end pipeline wall time: plain vs AsyncDiff",
@@ -208,7 +212,7 @@ def main(argv=None):
             continue
         base = None
         for mode, procs, threads in configs:
-            label = "AsyncDiff" if mode == "asyncdiff" else "plain"
+            label = {"asyncdiff": "AsyncDiff", "threads": f"AsyncDiff in-process, {world} threads"}.get(mode, "plain")
             try:
                 r = run_config(model, mode, procs, threads, args)
             except _util.LaunchError as exc:
