@@ -8,8 +8,9 @@ outputs.  Those forwards do not depend on each other, so here they run at the
 same time, one worker thread per rank; outputs are handed over as tensors
 (the in-process transport: a reference, no copy).  torch releases the GIL
 inside its operators, so the threads overlap wherever the model's time is in
-operators.  Each worker uses ``cores // threads`` intra-op threads, so the
-components do not oversubscribe the cores.  The result is bitwise the
+operators.  While the workers run, torch uses ``cores // ranks`` intra-op
+threads (one process-wide setting), so the components do not oversubscribe
+the cores; warm-up calls and the rest of the pipeline keep the caller's.  The result is bitwise the
 emulation's when the emulation uses as many intra-op threads as each worker.
 
 A worker that raises makes the call raise that exception after every worker
@@ -39,8 +40,7 @@ class Threads(Emulation):
         super().__init__(world, units_of)
         self.devices = devices
         self.intra_op = max(1, cores() // world)
-        self._pool = ThreadPoolExecutor(max_workers=world, thread_name_prefix="asyncdiff",
-                                        initializer=torch.set_num_threads, initargs=(self.intra_op,))
+        self._pool = ThreadPoolExecutor(max_workers=world, thread_name_prefix="asyncdiff")
 
     def run(self, forward, runs: list, state) -> list:
         if len(runs) == 1:  # a warm-up call, or one computing rank: nothing to overlap
@@ -52,8 +52,15 @@ class Threads(Emulation):
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 return run_in_turn(forward, [(p, a, kw)], state)[0]
 
-        futures = [self._pool.submit(one, *run) for run in runs]
-        errors = [f.exception() for f in futures]  # waits for every worker
+        # torch's intra-op thread count is one setting for the whole process:
+        # the workers' share while they run, the caller's again afterwards
+        saved = torch.get_num_threads()
+        torch.set_num_threads(self.intra_op)
+        try:
+            futures = [self._pool.submit(one, *run) for run in runs]
+            errors = [f.exception() for f in futures]  # waits for every worker
+        finally:
+            torch.set_num_threads(saved)
         for error in errors:
             if error is not None:
                 raise error

@@ -9,6 +9,7 @@ import torch
 
 from asyncdiff import AsyncDiff
 from asyncdiff.testing import tiny
+from asyncdiff.threads import cores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [(arch, n, s) for arch in ("sd15", "sdxl", "sd3") for n, s in ((2, 1), (3, 1), (2, 2), (3, 2))]
@@ -38,11 +39,18 @@ def run(pipe, arch, steps=6, **options):
 @pytest.mark.parametrize("arch, n, s", CASES)
 def test_threads_equal_emulation(pipes, arch, n, s):
     pipe = pipes(arch)
+    torch.set_num_threads(max(1, cores() // (n + s - 1)))  # the workers' kernels everywhere: the same bits
     expected, emu = run(pipe, arch, model_n=n, stride=s, warm_up=1, time_shift=n == 3)
     got, ad = run(pipe, arch, model_n=n, stride=s, warm_up=1, time_shift=n == 3, devices=["cpu"] * (n + s - 1))
     assert ad.mode == "threads" and emu.mode == "emulate"
     assert torch.equal(got, expected)
     assert ad.counts == emu.counts  # every rank ran its own blocks, as in the emulation
+
+
+def test_the_callers_thread_count_is_kept(pipes):
+    torch.set_num_threads(2)
+    run(pipes("sd15"), "sd15", model_n=2, devices=["cpu", "cpu"])
+    assert torch.get_num_threads() == 2
 
 
 def test_ranks_run_in_their_own_threads(pipes):
