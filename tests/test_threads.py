@@ -12,7 +12,9 @@ from asyncdiff.testing import tiny
 from asyncdiff.threads import cores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CASES = [(arch, n, s) for arch in ("sd15", "sdxl", "sd3") for n, s in ((2, 1), (3, 1), (2, 2), (3, 2))]
+# every shape on SD 1.5; the extremes (N=2 S=1, N=3 S=2) on SDXL and SD3
+CASES = [(arch, n, s) for arch in ("sd15", "sdxl", "sd3") for n, s in ((2, 1), (3, 1), (2, 2), (3, 2))
+         if arch == "sd15" or (n, s) in ((2, 1), (3, 2))]
 
 
 @pytest.fixture(scope="module")
