@@ -112,7 +112,6 @@ class RankStep:
 
     def finish(self, call, k: int, passes: list, outs: list):
         plan, p, out = self._plan, passes[0], outs[0]
-        self._k = k
         if plan.store:
             stored = {u: (spec, [t.contiguous() for t in ts]) for u, (spec, ts) in p.stores.items()}
             if plan.warmup:
@@ -121,7 +120,7 @@ class RankStep:
             else:
                 self.cache.update(stored)
         if plan.exchange:
-            out = self._exchange(plan, out)
+            out = self._exchange(plan, out, k)
         return out
 
     def _lay_out(self, out):
@@ -131,7 +130,7 @@ class RankStep:
             self.transport.reserve(slots.nbytes)
             self.slots = slots
 
-    def _exchange(self, plan, out):
+    def _exchange(self, plan, out, k: int):
         self.seq += 1
         spec, tensors = flatten(out)
         result = tensors[0].contiguous()
@@ -151,7 +150,7 @@ class RankStep:
             incoming.append((m.peers[0], m.offset, got))
         if plan.receive:
             self.synced_seq = self.seq
-        self.transport.exchange(self.seq, outgoing, incoming, tag=(self.calls << 32) | self._k)
+        self.transport.exchange(self.seq, outgoing, incoming, tag=(self.calls << 32) | k)
         self.cache.update(fresh)
         return out
 
