@@ -29,3 +29,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """``pipes(arch)``: the tiny pipeline of ``arch`` (seed 0), built once per test module."""
+    from asyncdiff.testing import tiny
+
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            built[arch] = tiny.build_pipeline(arch, seed=0)
+        return built[arch]
+
+    return get

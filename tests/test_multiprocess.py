@@ -15,7 +15,6 @@ thread on the same inputs, and the transport copies bytes.
 
 import os
 
-import pytest
 import torch
 
 from asyncdiff import AsyncDiff
@@ -79,18 +78,6 @@ def shm_left(pids) -> set:
     except FileNotFoundError:
         return set()
     return {e for e in names if any(e.startswith(f"asyncdiff-{pid}-") for pid in pids)}
-
-
-@pytest.fixture(scope="module")
-def pipes():
-    built = {}
-
-    def get(arch):
-        if arch not in built:
-            built[arch] = tiny.build_pipeline(arch, seed=0)
-        return built[arch]
-
-    return get
 
 
 def emulate(pipe, cfg):

@@ -17,17 +17,6 @@ CASES = [(arch, n, s) for arch in ("sd15", "sdxl", "sd3") for n, s in ((2, 1), (
          if arch == "sd15" or (n, s) in ((2, 1), (3, 2))]
 
 
-@pytest.fixture(scope="module")
-def pipes():
-    built = {}
-
-    def get(arch):
-        if arch not in built:
-            built[arch] = tiny.build_pipeline(arch, seed=0)
-        return built[arch]
-    return get
-
-
 def run(pipe, arch, steps=6, **options):
     kw = dict(tiny.default_call_kwargs(arch), num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
     ad = AsyncDiff(pipe, **options)
