@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from collections import Counter
 
 import torch
 from diffusers.utils.torch_utils import unwrap_module
 
-from . import arch, hooks, launch, splits
+from . import _core, arch, hooks, launch, shard, splits
 from .config import AsyncDiffConfig
 from .emulate import Emulation
 from .threads import Threads
 from .exchange import ExchangePlan
+from .probe import probe
 from .step import Loop
 
 log = logging.getLogger("asyncdiff")
@@ -47,13 +49,17 @@ class _Changes:
         self.moved: dict = {}  # pipeline component -> the device it was on
         self.progress: dict | None = None
 
-    def move(self, device) -> None:
+    def move(self, device, placers: dict | None = None) -> None:
+        """Move every component to ``device``; ``placers``: component -> a
+        function that moves it instead (the denoiser of a sharded rank moves
+        only what the rank keeps)."""
+        placers = placers or {}
         for component in getattr(self.pipeline, "components", {}).values():
             if isinstance(component, torch.nn.Module):
                 before = launch.device_of(component)
                 if before != device:
                     self.moved[component] = before
-                    component.to(device)
+                    placers.get(component, lambda d, c=component: c.to(d))(device)
 
     def quiet(self) -> None:
         self.progress = {"had": hasattr(self.pipeline, "_progress_bar_config"),
@@ -62,7 +68,7 @@ class _Changes:
 
     def undo(self) -> None:
         for component, device in self.moved.items():
-            component.to(device)
+            shard.move_real(component, device)  # other ranks' blocks stay on the meta device
         self.moved.clear()
         if self.progress is not None:
             self.pipeline._progress_bar_config = self.progress["config"]
@@ -82,7 +88,8 @@ class AsyncDiff:
     warm_up: denoiser calls computed whole on every rank before going asynchronous.
     time_shift: give each component the previous step's timestep.
     split: None (paper preset when the architecture has one, else auto),
-        ``"auto"``, ``"paper"``, or an explicit split (``"conv_in d0 | ..."``
+        ``"auto"`` (balanced on FLOPs), ``"time"`` (balanced on each unit's
+        measured time), ``"paper"``, or an explicit split (``"conv_in d0 | ..."``
         or a list of lists of unit names).
     transport: ``"auto"`` (emulation without torchrun; under torchrun NCCL
         when every rank has a GPU and NCCL loads, else shared memory),
@@ -92,18 +99,24 @@ class AsyncDiff:
     timeout: seconds of silence any wait for another rank may last before it raises.
     devices: one device per rank, all driven by this process, one thread
         each (``["cpu", "cpu"]``: the speed-up without torchrun, e.g. in Jupyter).
+    keep_weights: under torchrun, keep the whole denoiser on every rank.  By
+        default each rank keeps only the blocks of its own component and the
+        glue, and moves the others' weights to the meta device (1/N of the
+        denoiser per device); ``remove()`` then leaves a pipeline that must
+        be reloaded.  Emulation and ``devices=`` keep every weight (one
+        process plays every rank).
     """
 
     def __init__(self, pipeline, model_n: int = 2, stride: int = 1, warm_up: int = 1,
                  time_shift: bool = False, *, split=None, transport: str = "auto", timeout: float = 300.0,
-                 devices=None):
+                 devices=None, keep_weights: bool = False):
         # Under torchrun the ranks meet before anything is checked, so that an
         # error on one rank (a bad argument included) reaches the others at
         # once instead of leaving them waiting (docs/design.md §8).
         board = launch.board_if_launched(transport, timeout)
         try:
             self._attach(pipeline, AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout,
-                                                   devices), board)
+                                                   devices, keep_weights), board)
         except BaseException as exc:
             if board is not None:
                 board.fail(exc)
@@ -118,6 +131,7 @@ class AsyncDiff:
         if hooks.attached_hook(denoiser) is not None:
             raise RuntimeError("pipeline: AsyncDiff is already attached to this pipeline's denoiser; call "
                                "remove() on that AsyncDiff first (e.g. `ad.remove()` before re-running the cell)")
+        shard.check_real(denoiser)
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.layout = arch.describe(denoiser)
@@ -134,6 +148,10 @@ class AsyncDiff:
 
             nccl.check(None)
         rank = launch.rank_if_launched(self.config)
+        # under a launch a rank keeps only its own blocks (docs/design.md §6.5)
+        self.sharded = rank is not None and not self.config.keep_weights
+        self.freed = 0  # bytes of other ranks' weights moved to the meta device
+        self._device = None  # a rank's device (set when its transport opens)
         if rank is not None and self.config.devices is not None:
             raise ValueError("devices: under torchrun each process drives one device (cuda:LOCAL_RANK); "
                              "drop devices=, or run without torchrun to drive them all from one process")
@@ -149,6 +167,7 @@ class AsyncDiff:
         self._hook(denoiser, hooks.DenoiserHook(self._loop), hooks.DENOISER_HOOK)
         if self.split is not None:
             self._hook_blocks()
+            self._shard()
 
     # ---------------------------------------------------------------- public
     @property
@@ -191,12 +210,18 @@ class AsyncDiff:
         self._loop.reset()
 
     def remove(self):
-        """Detach: the pipeline behaves exactly as before AsyncDiff was attached."""
+        """Detach: the pipeline behaves exactly as before AsyncDiff was attached.
+
+        A sharded rank (``keep_weights=False`` under torchrun) no longer holds
+        the other ranks' blocks: its denoiser is left with a hook that makes
+        every call raise a RuntimeError saying so; reload the pipeline."""
         for module, name, created in reversed(self._hooked):
             hooks.unregister(module, name, created)
         self._hooked.clear()
         self._mode.close(failed=False)
         self._changes.undo()
+        if shard.meta_names(self.denoiser) and hooks.attached_hook(self.denoiser, shard.GUARD_HOOK) is None:
+            hooks.register(self.denoiser, shard.Guard(self.rank, self._component()), shard.GUARD_HOOK)
 
     # ----------------------------------------------------------------- setup
     def _hook(self, module, hook, name):
@@ -208,28 +233,72 @@ class AsyncDiff:
         for unit in self.split.owner:
             self._hook(self.layout.module(unit, self.denoiser), hooks.BlockHook(unit, self._state), hooks.BLOCK_HOOK)
 
+    def _component(self, rank: int | None = None) -> int:
+        """The component this process (rank ``rank``) computes after warm-up."""
+        c = self.config
+        schedule = _core.Schedule(c.model_n, c.stride, c.warm_up, int(c.time_shift), 1)
+        return schedule.component_of(self.rank if rank is None else rank)
+
+    def _shard(self, device=None):
+        """A sharded rank, once the split is known: the other components'
+        weights go to the meta device, its own blocks to ``device`` (None:
+        where they are; docs/design.md §6.5)."""
+        if self.sharded:
+            held = shard.held_units(self.split.components, self._component())
+            self.freed += shard.place(self.denoiser, self.layout, self.split.owner, held, device)
+
     def _prepare(self, forward, bound):
         """At the first denoiser call: the automatic split (it needs the real
         input shapes) and, for a rank, the exchange plan."""
         if self.split is None:
-            order, costs = splits.count_costs(self.layout, self.denoiser, bound.args, bound.kwargs, forward=forward)
-            self.split = splits.auto(self.layout, self.config.model_n, order, costs)
+            if self.config.split == "time":
+                order, costs = self._measured_costs(forward, bound)
+            else:
+                order, costs = splits.count_costs(self.layout, self.denoiser, bound.args, bound.kwargs,
+                                                  forward=forward)
+            self.split = splits.auto(self.layout, self.config.model_n, order, costs,
+                                     source="time" if self.config.split == "time" else "auto")
             self._hook_blocks()
-        if self._mode.kind != "emulate":
+            self._shard(self._device)  # the blocks it keeps join the glue on the rank's device
+        if self._mode.kind not in ("emulate", "threads"):
             self._mode.plan = ExchangePlan.trace(self.config, self.layout, self.split, self.denoiser,
                                                  bound.args, bound.kwargs, forward=forward)
+            if self.sharded:
+                layout, denoiser = self.layout, self.denoiser
+                self._mode.expect = lambda b: probe(layout, denoiser, b.args, b.kwargs, forward)
+
+    def _measured_costs(self, forward, bound):
+        """``split="time"``: every fine unit timed on this device for these
+        inputs (threads: each worker's share in the threads mode).  Under a
+        launch rank 0 measures and the others take its figures, so every rank
+        derives the same split (docs/design.md §2)."""
+        board = getattr(self._mode, "board", None)
+        if board is not None and self._mode.rank != 0:
+            costs = json.loads(board.get("split-time"))
+            return costs["order"], costs["costs"]
+        order, costs = splits.count_times(self.layout, self.denoiser, bound.args, bound.kwargs, forward=forward,
+                                          threads=getattr(self._mode, "intra_op", None))
+        if board is not None:
+            board.set("split-time", json.dumps({"order": list(order), "costs": list(costs)}))
+        return order, costs
 
     def _open_rank(self, board):
         """This process is rank ``board.rank``: its device, the transport, one progress bar."""
         from . import transport
         from .rank import RankStep
 
-        device = launch.device_of(self.denoiser)
+        device = self._device = launch.device_of(self.denoiser)
         if device.type == "cpu" and torch.cuda.is_available():
             # one GPU per rank: cuda:LOCAL_RANK, unless the user placed the pipeline already
-            device = launch.rank_device()
+            device = self._device = launch.rank_device()
             torch.cuda.set_device(device)
-            self._changes.move(device)
+            placers = None
+            if self.sharded:  # only the glue and this rank's blocks (all blocks: at the first call)
+                held = None if self.split is None else \
+                    shard.held_units(self.split.components, self._component(board.rank))
+                units = self.layout.top if self.split is None else self.split.owner
+                placers = {self.denoiser: lambda d: shard.place(self.denoiser, self.layout, units, held, d)}
+            self._changes.move(device, placers)
         facts = {**self.config.summary(), "denoiser": f"{type(self.denoiser).__name__}/{self.layout.family}/"
                                                       f"{len(self.layout.fine_units())} units"}
         rank = board.rank
@@ -241,4 +310,4 @@ class AsyncDiff:
         if rank != 0:
             self._changes.quiet()
         log.info("rank %d of %d: %s transport, denoiser on %s", rank, self.config.world_size, link.kind, device)
-        return RankStep(rank, {}, link, board)
+        return RankStep(rank, {}, link, board, device=device)

@@ -51,7 +51,7 @@ def check_timeout(value) -> float:
 
 
 def _normalise_split(split):
-    """None, "auto", "paper" or an explicit split as a string or a tuple of
+    """None, "auto", "time", "paper" or an explicit split as a string or a tuple of
     tuples of unit names (hashable, so the config can be frozen)."""
     if split is None or isinstance(split, str):
         return split
@@ -65,7 +65,7 @@ def _normalise_split(split):
             else:
                 raise TypeError(f"split: a component must be a string or a list of unit names, got {part!r}")
         return tuple(comps)
-    raise TypeError(f"split: expected None, 'auto', 'paper', a string or a list of components, "
+    raise TypeError(f"split: expected None, 'auto', 'time', 'paper', a string or a list of components, "
                     f"got {type(split).__name__}")
 
 
@@ -106,6 +106,9 @@ class AsyncDiffConfig:
     timeout: seconds of silence any wait for another rank may last, in (0, 1e9].
     devices: None, or one device per rank (model_n + stride - 1) driven by
         this one process, one thread each (``["cpu", "cpu"]``).
+    keep_weights: under a launch, keep the whole denoiser on every rank
+        (False: each rank keeps its own blocks and the glue, the rest goes to
+        the meta device; docs/design.md §6.5).
     """
 
     model_n: int = 2
@@ -116,6 +119,7 @@ class AsyncDiffConfig:
     transport: str = "auto"
     timeout: float = 300.0
     devices: tuple | None = None
+    keep_weights: bool = False
 
     def __post_init__(self):
         check_int("model_n", self.model_n)
@@ -128,6 +132,8 @@ class AsyncDiffConfig:
             raise ValueError(f"transport: expected one of {', '.join(map(repr, TRANSPORTS))}, got {self.transport!r}")
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
         object.__setattr__(self, "devices", _normalise_devices(self.devices))
+        if not isinstance(self.keep_weights, bool):
+            raise TypeError(f"keep_weights: expected a bool, got {type(self.keep_weights).__name__}")
         if self.devices is not None:
             if len(self.devices) != self.world_size:
                 raise ValueError(f"devices: {len(self.devices)} given, but model_n + stride - 1 = {self.world_size} "
@@ -146,7 +152,8 @@ class AsyncDiffConfig:
         split = self.split if self.split is None or isinstance(self.split, str) else \
             [p if isinstance(p, str) else list(p) for p in self.split]
         return {"model_n": self.model_n, "stride": self.stride, "warm_up": self.warm_up,
-                "time_shift": self.time_shift, "split": split, "transport": self.transport}
+                "time_shift": self.time_shift, "split": split, "transport": self.transport,
+                "keep_weights": self.keep_weights}
 
 
 _TRUE = ("1", "true", "t", "yes", "y", "on")
@@ -196,6 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, warm_up: int = 1) -> argpa
                         "(default: the paper's preset, else auto)")
     a.add_argument("--transport", choices=TRANSPORTS, default="auto", help="auto, emulate, shm or nccl")
     a.add_argument("--timeout", type=float, default=300.0, help="seconds a rank may wait for another")
+    a.add_argument("--keep_weights", type=str2bool, default=False, metavar="BOOL",
+                   help="keep the whole denoiser on every rank (default: each rank keeps its own blocks)")
     return parser
 
 
@@ -208,7 +217,7 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Asyn
     try:
         config = AsyncDiffConfig(model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
                                  time_shift=args.time_shift, split=args.split, transport=args.transport,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, keep_weights=args.keep_weights)
         launch.rank_if_launched(config)  # a launch of the wrong size, before any model is loaded
         return config
     except (TypeError, ValueError) as exc:

@@ -72,15 +72,22 @@ class BlockHook(ModelHook):
                 p.ran.append(self.unit)
                 if p.store:
                     p.stores[self.unit] = flatten(out)
+                if p.relay is not None:
+                    p.relay(self.unit, out)
+            return out
+        if p.relay is not None:  # a warm-up through the owners: the owner's output of this call
+            out = p.relay(self.unit, None)
+            if p.store:
+                p.stores[self.unit] = flatten(out)
             return out
         spec, tensors = p.cache[self.unit]
         return unflatten(spec, tensors)
 
 
-def attached_hook(module: torch.nn.Module) -> ModelHook | None:
-    """AsyncDiff's denoiser hook on ``module``, if one is registered."""
+def attached_hook(module: torch.nn.Module, name: str = DENOISER_HOOK) -> ModelHook | None:
+    """AsyncDiff's hook ``name`` (by default the denoiser hook) on ``module``, if registered."""
     registry = getattr(module, "_diffusers_hook", None)
-    return registry.get_hook(DENOISER_HOOK) if registry is not None else None
+    return registry.get_hook(name) if registry is not None else None
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> bool:

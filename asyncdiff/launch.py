@@ -223,11 +223,11 @@ def rank_device() -> torch.device:
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
-    """Where a module's first parameter or buffer lives (the CPU for none)."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    """Where a module's first real parameter or buffer lives (the CPU for none;
+    tensors on the meta device, e.g. other ranks' blocks, do not count)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
     return torch.device("cpu")
 
 

@@ -8,7 +8,10 @@ denoiser, for the real input shapes, without computing anything:
 * ``reads``: for every unit, top-level or sub-unit, which units' outputs reach
   its inputs through glue code alone (concatenations, skip connections,
   activations).  A torch function mode carries provenance from the inputs of
-  every operation to its outputs.
+  every operation to its outputs;
+* ``outputs``: every unit's output structure, shapes and dtypes, and
+  ``result``, the denoiser output's (what a rank that does not hold a unit's
+  weights must be ready to receive).
 
 Provenance is kept so that it can be read for any split: a tensor that
 leaves block ``d1`` is marked "out of d1, made by d1.ds"; a split that keeps
@@ -20,13 +23,14 @@ shapes, and is cached on that key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .arch import Layout
+from .outputs import flatten
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Probe:
     order: list[str]
     flops: dict[str, float]
     reads: dict[str, frozenset]
+    outputs: dict = field(default_factory=dict)  # unit -> (spec, [(shape, dtype)])
+    result: tuple | None = None  # (shape, dtype) of the denoiser output's first tensor
 
     def inputs_of(self, unit: str, units) -> frozenset:
         """Units of a split (``units``: a set of names) whose outputs reach ``unit``."""
@@ -165,6 +171,7 @@ def _trace(layout: Layout, model, args, kwargs, forward) -> Probe:
     start: dict[str, int] = {}
     flops: dict[str, float] = {}
     reads: dict[str, frozenset] = {}
+    outputs: dict = {}
     handles = []
 
     def enter(name):
@@ -178,6 +185,8 @@ def _trace(layout: Layout, model, args, kwargs, forward) -> Probe:
 
     def leave(name, is_block):
         def hook(_m, _a, _k, out):
+            spec, tensors = flatten(out)
+            outputs[name] = (spec, [(tuple(t.shape), t.dtype) for t in tensors])
             if name in fine:
                 flops[name] = flops.get(name, 0.0) + float(counter.get_total_flops() - start[name])
             if is_block:  # wrap what its parts made: "out of this block"
@@ -199,11 +208,11 @@ def _trace(layout: Layout, model, args, kwargs, forward) -> Probe:
             handles.append(mod.register_forward_hook(leave(name, is_block), with_kwargs=True))
         run = forward if forward is not None else model
         with torch.no_grad(), counter, mode:
-            run(*args, **kwargs)
+            result = flatten(run(*args, **kwargs))[1][0]
     finally:
         for h in handles:
             h.remove()
     missing = [u for u in layout.fine_units() if u not in flops]
     if missing:
         raise TypeError(f"denoiser: unit {missing[0]!r} did not run during a forward; AsyncDiff cannot split this model")
-    return Probe(order, flops, reads)
+    return Probe(order, flops, reads, outputs, (tuple(result.shape), result.dtype))

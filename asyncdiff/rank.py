@@ -48,8 +48,13 @@ def call_record(call, number: int, config) -> dict:
 class RankStep:
     run = staticmethod(run_in_turn)  # the forwards of a call, one after another
 
-    def __init__(self, rank: int, units_of: dict, transport, board=None):
+    def __init__(self, rank: int, units_of: dict, transport, board=None, device=None):
         self.rank = rank
+        self.device = device if device is not None else torch.device("cpu")
+        # sharded (docs/design.md §6.5): expect(bound) -> the probe of these
+        # inputs (every unit's output shapes), set once the split is known;
+        # None while this rank holds the whole denoiser
+        self.expect = None
         self.units_of = units_of  # component -> frozenset of its units
         self.transport = transport
         self.board = board  # the launch store, for transports without an all-gather of their own
@@ -105,7 +110,15 @@ class RankStep:
             # the owners' outputs arrive at the event that ends the call before a sync
             raise RuntimeError("AsyncDiff: a sync with nothing exchanged before it (schedule out of step)")
         if plan.warmup:
-            return [Pass(self.rank, None, plan.store, {}, False, plan.timestep_index)]
+            if self.expect is None:
+                return [Pass(self.rank, None, plan.store, {}, False, plan.timestep_index)]
+            if k == 0:
+                self._expected = self.expect(call.bound)
+                self._lay_out_shapes({u: shapes for u, (_, shapes) in self._expected.outputs.items()
+                                      if u in self.plan.owner}, self._expected.result)
+            self._tag = (self.calls << 32) | k
+            own = self.units_of.get(self.rank, frozenset())
+            return [Pass(self.rank, own, plan.store, {}, False, plan.timestep_index, relay=self._relay)]
         c = plan.compute_component
         return [Pass(self.rank, self.units_of[c] if c >= 0 else frozenset(), plan.store, self.cache, True,
                      plan.timestep_index)]
@@ -125,10 +138,34 @@ class RankStep:
 
     def _lay_out(self, out):
         """Slots for this call's shapes (collective: the transport may grow)."""
-        slots = Slots.of_tensors(self.cache, flatten(out)[1][0])
+        result = flatten(out)[1][0]
+        self._lay_out_shapes({u: [(t.shape, t.dtype) for t in ts] for u, (_, ts) in self.cache.items()},
+                             (result.shape, result.dtype))
+
+    def _lay_out_shapes(self, shapes: dict, result: tuple):
+        slots = Slots(shapes, result)
         if self.slots is None or slots.key != self.slots.key:
             self.transport.reserve(slots.nbytes)
             self.slots = slots
+
+    @torch.compiler.disable
+    def _relay(self, unit: str, out):
+        """Warm-up through the owners: one event per unit, in the order the
+        units run.  Its owner sends what it just computed to every other rank
+        (each needs it to go on through the glue); the others receive it."""
+        self.seq += 1
+        owner = self.plan.owner[unit]
+        places = self.slots.of[unit]
+        if out is not None:
+            others = tuple(r for r in range(self.plan.world) if r != self.rank)
+            tensors = [t.contiguous() for t in flatten(out)[1]]
+            self.transport.exchange(self.seq, [(others, off, t) for (off, _), t in zip(places, tensors)], [],
+                                    tag=self._tag)
+            return out
+        spec, shapes = self._expected.outputs[unit]
+        got = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in shapes]
+        self.transport.exchange(self.seq, [], [(owner, off, t) for (off, _), t in zip(places, got)], tag=self._tag)
+        return unflatten(spec, got)
 
     def _exchange(self, plan, out, k: int):
         self.seq += 1

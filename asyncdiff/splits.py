@@ -5,19 +5,23 @@ A split is a list of ``model_n`` components, each a list of unit names (see
 takes every fine unit's FLOPs on the real input shapes (``asyncdiff.probe``:
 on the ``meta`` device, nothing is computed) and asks the C partitioner for
 the contiguous split in execution order that minimises the largest component.
+``split="time"`` does the same with every fine unit's measured wall time
+(``count_times``: real forwards of the denoiser on its own device).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten
 
 from . import _core
 from .arch import Layout
-from .probe import probe
+from .probe import _key, probe
 
 # The original AsyncDiff splits (docs/design.md §2), keyed by (family, model_n).
 # The x4-upscaler N=2 entry reads `u1.us` where the original wrote `u0.us`.
@@ -68,7 +72,8 @@ def parse(split) -> list[list[str]]:
     elif isinstance(split, (list, tuple)):
         parts = list(split)
     else:
-        raise TypeError(f"split: expected 'auto', 'paper', a string or a list of components, got {type(split).__name__}")
+        raise TypeError(f"split: expected 'auto', 'time', 'paper', a string or a list of components, "
+                        f"got {type(split).__name__}")
     comps: list[list[str]] = []
     for part in parts:
         if isinstance(part, str):
@@ -86,8 +91,8 @@ class Split:
     """A validated split: ``components[r]`` lists the units rank ``r`` owns."""
 
     components: list[list[str]]
-    source: str  # "paper", "auto" or "explicit"
-    costs: dict[str, float] | None = None  # fine-unit FLOPs when known
+    source: str  # "paper", "auto" (FLOPs), "time" (measured seconds) or "explicit"
+    costs: dict[str, float] | None = None  # fine-unit costs when known: FLOPs ("auto") or seconds ("time")
 
     @property
     def owner(self) -> dict[str, int]:
@@ -141,8 +146,135 @@ def count_costs(layout: Layout, denoiser: torch.nn.Module, args: tuple, kwargs: 
     return list(p.order), [p.flops[u] for u in p.order]
 
 
-def auto(layout: Layout, n: int, order: list[str], costs: list[float]) -> Split:
-    """Optimal contiguous split of the fine units; whole blocks kept whole."""
+_TIMES: dict = {}
+
+
+def count_times(layout: Layout, denoiser: torch.nn.Module, args: tuple, kwargs: dict, forward=None, *,
+                threads: int | None = None, repeat: int = 2):
+    """Measured wall time (seconds) of every fine unit for these inputs, in
+    the order the units run: ``(order, costs)`` like ``count_costs``.
+
+    Runs ``repeat`` real forwards under ``torch.no_grad()`` on the denoiser's
+    own device (``forward(*args, **kwargs)`` when given: the original forward
+    under AsyncDiff's hooks; else ``denoiser(*args, **kwargs)``), timing each
+    fine unit between a forward pre-hook and a forward hook with
+    ``time.perf_counter`` (on an accelerator the device is synchronised at
+    each hook), and keeps each unit's fastest forward.  ``threads``: the
+    intra-op threads to measure with (restored afterwards); None measures
+    with the current count.
+
+    Nothing is kept on the model: the hooks are removed whatever happens and
+    the random number generators are restored.  The result is cached per
+    class, config, dtypes, device, threads and input shapes; the cached pair
+    is returned as is, do not modify it."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"count_times: threads must be a positive int or None, got {threads!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"count_times: repeat must be a positive int, got {repeat!r}")
+    device = _device(denoiser, args, kwargs)
+    if device.type == "meta":
+        raise ValueError("split: 'time' measures real forwards, but the denoiser is on the meta device")
+    measured_with = threads if threads is not None else torch.get_num_threads()
+    base = _key(denoiser, args, kwargs)
+    key = None if base is None else (base, str(device), measured_with)
+    if key is not None and key in _TIMES:
+        return _TIMES[key]
+    saved = torch.get_num_threads()
+    try:
+        if measured_with != saved:
+            torch.set_num_threads(measured_with)
+        order, best = _measure(layout, denoiser, args, kwargs, forward, device, repeat)
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+    result = (order, [best[u] for u in order])
+    if key is not None:
+        _TIMES[key] = result
+    return result
+
+
+def _device(denoiser: torch.nn.Module, args, kwargs) -> torch.device:
+    """The denoiser's device: its first parameter's (or buffer's); a denoiser
+    kept on the CPU but fed accelerator tensors (offloading) computes there."""
+    own = torch.device("cpu")
+    for tensor in (*denoiser.parameters(), *denoiser.buffers()):
+        own = tensor.device
+        break
+    if own.type == "cpu":
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.device.type not in ("cpu", "meta"):
+                return leaf.device
+    return own
+
+
+def _synchronizer(device: torch.device):
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    backend = getattr(torch, device.type, None)
+    sync = getattr(backend, "synchronize", None)
+    return sync if callable(sync) else None
+
+
+def _measure(layout: Layout, denoiser, args, kwargs, forward, device: torch.device, repeat: int):
+    """(order of the first forward, {fine unit: its fastest time over ``repeat`` forwards})."""
+    sync = _synchronizer(device)
+    clock = time.perf_counter
+    fine = layout.fine_units()
+    order: list[str] = []
+    seen: set[str] = set()
+    started: dict[str, float] = {}
+    spent: dict[str, float] = {}
+    best: dict[str, float] = {}
+
+    def enter(name):
+        def hook(_m, _a):
+            if sync is not None:
+                sync()
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+            started[name] = clock()
+        return hook
+
+    def leave(name):
+        def hook(_m, _a, _out):
+            if sync is not None:
+                sync()
+            spent[name] = spent.get(name, 0.0) + clock() - started.pop(name)
+        return hook
+
+    handles = []
+    rng_devices = [device] if device.type == "cuda" else []
+    try:
+        for name in fine:
+            mod = layout.module(name, denoiser)
+            handles.append(mod.register_forward_pre_hook(enter(name)))
+            handles.append(mod.register_forward_hook(leave(name)))
+        run = forward if forward is not None else denoiser
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+            for _ in range(repeat):
+                spent.clear()
+                started.clear()
+                run(*args, **kwargs)
+                missing = [u for u in fine if u not in spent]
+                if missing:
+                    raise TypeError(f"denoiser: unit {missing[0]!r} did not run during a forward; "
+                                    "AsyncDiff cannot split this model")
+                for u in fine:
+                    best[u] = min(best.get(u, float("inf")), spent[u])
+    finally:
+        for h in handles:
+            h.remove()
+    return order, best
+
+
+def auto(layout: Layout, n: int, order: list[str], costs: list[float], *, source: str = "auto") -> Split:
+    """Optimal contiguous split of the fine units; whole blocks kept whole.
+
+    ``costs``: one per unit of ``order`` (FLOPs from ``count_costs``, seconds
+    from ``count_times``); ``source`` names the basis in ``Split.source``."""
     if n > len(order):
         raise ValueError(f"model_n: {n} components but the denoiser has only {len(order)} units to share")
     assign = _core.partition(np.asarray(costs, dtype=np.float64), n)
@@ -162,7 +294,7 @@ def auto(layout: Layout, n: int, order: list[str], costs: list[float]) -> Split:
             position[t] = min(position[p] for p in layout.subs.get(t) or [t])
     for u in sorted(owner, key=position.__getitem__):
         comps[owner[u]].append(u)
-    split = validate(layout, comps, n, "auto")
+    split = validate(layout, comps, n, source)
     split.costs = dict(zip(order, costs))
     return split
 
@@ -178,11 +310,12 @@ def component_costs(layout: Layout, split: Split, order: list[str], costs: list[
 
 
 def resolve_static(layout: Layout, n: int, split) -> Split | None:
-    """The split when it needs no cost count (paper preset or explicit), else None."""
+    """The split when it needs no cost count (paper preset or explicit), else
+    None ("auto" and "time" are decided at the first denoiser call)."""
     if split is None:
         text = preset(layout, n)
         return validate(layout, parse(text), n, "paper") if text else None
-    if isinstance(split, str) and split in ("auto",):
+    if isinstance(split, str) and split in ("auto", "time"):
         return None
     if isinstance(split, str) and split in ("paper", "preset"):
         text = preset(layout, n)
@@ -191,4 +324,9 @@ def resolve_static(layout: Layout, n: int, split) -> Split | None:
                 f"split: no paper preset for a {layout.family} denoiser with model_n={n}; use split='auto'"
             )
         return validate(layout, parse(text), n, "paper")
+    if isinstance(split, str) and "|" not in split and len(split.split()) == 1:
+        word = split.strip()
+        if word not in layout.paths and not _RANGE.match(word):  # a misspelt option, not a unit
+            raise ValueError(f"split: unknown value {split!r}; expected None, 'auto', 'time', 'paper' or an "
+                             "explicit split such as 'conv_in d0-3 mid | u0 u1 u2 u3 conv_norm_out conv_out'")
     return validate(layout, parse(split), n, "explicit")

@@ -28,7 +28,11 @@ class Pass:
     compute: the units computed, or None for every unit (warm-up); the others
     replay ``cache``.  store: computed units record their outputs in
     ``stores``.  count: the units that ran are counted (asynchronous phase).
-    tidx: the forward's timestep argument is T[tidx]."""
+    tidx: the forward's timestep argument is T[tidx].  relay: a warm-up pass
+    of a rank that holds only its own blocks (docs/design.md §6.5):
+    ``relay(unit, out)`` sends a unit this rank computed to the others, and
+    ``relay(unit, None)`` returns a unit it does not compute, received from
+    its owner."""
 
     rank: int
     compute: frozenset | None
@@ -38,6 +42,7 @@ class Pass:
     tidx: int  # the timestep argument is T[tidx]
     stores: dict = field(default_factory=dict)
     ran: list = field(default_factory=list)
+    relay: object = None
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Call:
     inputs: tuple  # shapes and dtypes of the first call's tensor inputs
     config: object = None  # the AsyncDiffConfig this call runs with (reset_state may change warm_up)
     k: int = 0
+    bound: object = None  # the arguments of the denoiser call in progress (inspect.BoundArguments)
 
     @property
     def steps(self) -> int:
@@ -174,6 +180,7 @@ class Loop:
                                       int(self.config.time_shift), len(timesteps))
             call = self.call = Call(source, timesteps, schedule, _shapes(bound, self.t_name), self.config)
         k = call.k
+        call.bound = bound
         self._check(call, k, t, bound)
         if k == 0:
             self.mode.start(call)
@@ -190,6 +197,7 @@ class Loop:
                     self.counts[(p.rank, unit)] += 1
         out = self.mode.finish(call, k, passes, outs)
         call.k += 1
+        call.bound = None
         return out
 
     def _check(self, call: Call, k: int, t, bound):

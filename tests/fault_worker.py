@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 import torch.distributed as dist  # noqa: E402
 
-from asyncdiff import AsyncDiff  # noqa: E402
+from asyncdiff import AsyncDiff, shard  # noqa: E402
 from asyncdiff.testing import tiny  # noqa: E402
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -54,6 +54,14 @@ def meet(store, name: str):
         store.set(f"meet/{name}/done", "1")
 
 
+def renew():
+    """After remove(), a rank that held only its own blocks (the default under a
+    launch) has a pipeline that must be reloaded: build the next one."""
+    global PIPE
+    if shard.meta_names(PIPE.unet):
+        PIPE = tiny.build_pipeline("sd15", seed=0)
+
+
 def fresh(timeout: float = 120.0, transport: str = "auto") -> bool:
     """A new AsyncDiff in this process runs a normal call."""
     ad = AsyncDiff(PIPE, model_n=2, timeout=timeout, transport=transport)
@@ -62,6 +70,7 @@ def fresh(timeout: float = 120.0, transport: str = "auto") -> bool:
         return bool(torch.isfinite(images).all())
     finally:
         ad.remove()
+        renew()
 
 
 def attempt(name: str, make, run=call, after=None):
@@ -77,6 +86,7 @@ def attempt(name: str, make, run=call, after=None):
     finally:
         if ad is not None:
             ad.remove()
+            renew()
     if after is not None:
         after(record)
     save(name, **record)
@@ -158,6 +168,7 @@ def main():
                 save(name, same=bool(same), rss_kb=rss)
             finally:
                 ad.remove()
+                renew()
             continue
         else:
             raise SystemExit(f"unknown scenario {name}")

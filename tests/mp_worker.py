@@ -31,17 +31,33 @@ def run(config: dict, pipe, rank: int):
     pipe.set_progress_bar_config(disable=False)  # as a user has it; AsyncDiff keeps rank 0's alone
     ad = AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], warm_up=config["warm_up"],
                    time_shift=config.get("time_shift", False), split=config.get("split"),
-                   timeout=config.get("timeout", 60.0))
+                   timeout=config.get("timeout", 60.0), keep_weights=config.get("keep_weights", False))
     try:
         results = []
         for _ in range(config.get("repeat", 1)):
             out = pipe(**kwargs, generator=torch.Generator().manual_seed(config.get("seed", 0)))
             results.append(out.images if hasattr(out, "images") else out.frames)
         progress = dict(getattr(pipe, "_progress_bar_config", {}))
-        return {"latents": results, "counts": dict(ad.counts), "split": str(ad.split), "progress": progress}
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        real = sorted(n for n, t in [*denoiser.named_parameters(), *denoiser.named_buffers()] if not t.is_meta)
+        result = {"latents": results, "counts": dict(ad.counts), "split": str(ad.split), "progress": progress,
+                  "real": real, "freed": ad.freed}
     finally:
         ad.remove()
         assert not getattr(pipe, "_progress_bar_config", {}).get("disable"), "progress bar not restored"
+    # after remove(): a sharded pipeline says it must be reloaded, a complete one runs
+    try:
+        AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], transport="emulate").remove()
+        result["again"] = "attached"
+    except ValueError as exc:
+        result["again"] = str(exc)
+    if config.get("after_remove"):  # the pipeline itself, once more
+        try:
+            pipe(**{**kwargs, "num_inference_steps": 2}, generator=torch.Generator().manual_seed(0))
+            result["guard"] = "ran"
+        except RuntimeError as exc:
+            result["guard"] = str(exc)
+    return result
 
 
 def main():
@@ -68,7 +84,8 @@ def main():
                 dist.init_process_group("gloo")
         arch = cfg["arch"]
         start = time.perf_counter()
-        if arch not in pipes:
+        if arch not in pipes or not cfg.get("keep_weights", False):
+            # a sharded pipeline keeps only this rank's blocks: the next configuration needs a new one
             pipes[arch] = tiny.build_pipeline(arch, seed=0)
         result = run(cfg, pipes[arch], rank)
         print(f"{cfg['id']}: {time.perf_counter() - start:.2f} s", flush=True)

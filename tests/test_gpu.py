@@ -228,7 +228,9 @@ def test_two_ranks_on_one_gpu_over_nccl_refused(tmp_path, monkeypatch):
 @needs_nccl
 def test_two_gpus_over_nccl(tmp_path, exact_math):
     configs = [dict(id="nccl", transport="nccl", device="local"),
-               dict(id="auto", transport="auto", device="local")]
+               dict(id="auto", transport="auto", device="local"),
+               # left on the CPU: each rank moves only its blocks and the glue to its GPU
+               dict(id="from-cpu", transport="auto", device="cpu")]
     got = _launch(2, configs, tmp_path)
     expected = _emulate(tiny.build_pipeline("sd15", seed=0).to("cuda:0"), "sd15")
     for cfg in configs:
@@ -236,6 +238,8 @@ def test_two_gpus_over_nccl(tmp_path, exact_math):
         assert r0["mode"] == r1["mode"] == "nccl"
         assert torch.equal(r0["latents"], r1["latents"]), cfg["id"]
         torch.testing.assert_close(r0["latents"], expected, rtol=1e-4, atol=1e-4)
+        for r, got_r in enumerate((r0, r1)):  # sharded: only this rank's part is real, all of it on its GPU
+            assert got_r["real_devices"] == [f"cuda:{r}"] and got_r["meta"] > 0, (cfg["id"], got_r)
 
 
 # ------------------------------------------------------ the rank worker
@@ -251,7 +255,10 @@ def _worker(cfg_file: str, outdir: str):
         ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, transport=cfg["transport"], timeout=120.0)
         try:
             latents = _run(pipe, "sd15").float().cpu()
-            results[cfg["id"]] = {"latents": latents, "mode": ad.mode}
+            tensors = [*pipe.unet.parameters(), *pipe.unet.buffers()]
+            results[cfg["id"]] = {"latents": latents, "mode": ad.mode,
+                                  "real_devices": sorted({str(t.device) for t in tensors if not t.is_meta}),
+                                  "meta": sum(t.is_meta for t in tensors)}
         finally:
             ad.remove()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))

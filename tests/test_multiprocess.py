@@ -17,14 +17,15 @@ import os
 
 import torch
 
-from asyncdiff import AsyncDiff
+from asyncdiff import AsyncDiff, shard
 from asyncdiff.testing import ranks, tiny
 
 import mp
 
-SD_ARCHS = ("sd15", "sd21", "sdxl")
+SD_ARCHS = ("sd15", "sd21", "sdxl", "sd3")
+KEEP_WEIGHTS = ("sd21",)  # the others hold only their own blocks; sd21's pipeline is attached again and again
 # the other pipeline families (issue: every model the original supports)
-OTHER_ARCHS = ("sd15_img2img", "sdxl_img2img", "sdxl_inpaint", "upscaler", "svd", "animatediff", "sd3",
+OTHER_ARCHS = ("sd15_img2img", "sdxl_img2img", "sdxl_inpaint", "upscaler", "svd", "animatediff",
                "sdxl_controlnet")
 SHAPES = {2: [(2, 1)], 3: [(3, 1), (2, 2)], 4: [(4, 1), (3, 2)], 5: [(4, 2)]}
 STEPS = 5
@@ -47,15 +48,21 @@ def configs_for(world: int) -> list[dict]:
         index = all_shapes.index((n, stride))
         runs = [(arch, "paper") for arch in SD_ARCHS]
         runs.append((SD_ARCHS[index % len(SD_ARCHS)], "auto"))
+        if (n, stride) == (2, 1):
+            runs.append(("sd15", "time"))  # measured on rank 0, the same split on every rank
+            runs.append(("sd15", "all-warm-up"))  # warm_up >= steps: only the pipeline through the owners
         if (n, stride) in small:
             at = small.index((n, stride)) * per_small
             runs += [(arch, None) for arch in OTHER_ARCHS[at:at + per_small]]
         for i, (arch, split) in enumerate(runs):
             time_shift = i % 2 == 1  # both values over the set
             warm = 2 if stride == 2 and arch == "sd21" else 1  # an even warm-up once per size
-            out.append(dict(id=f"{arch}-n{n}s{stride}-{split}", world=world, arch=arch, model_n=n, stride=stride,
+            if split == "all-warm-up":
+                split, warm = None, STEPS
+            out.append(dict(id=f"{arch}-n{n}s{stride}-{split}-w{warm}", world=world, arch=arch, model_n=n,
+                            stride=stride, after_remove=warm == STEPS or arch in KEEP_WEIGHTS,
                             warm_up=warm, time_shift=time_shift, split=split, steps=STEPS,
-                            repeat=2 if arch == "sd15" else 1, timeout=120.0,
+                            repeat=2 if arch == "sd15" else 1, timeout=120.0, keep_weights=arch in KEEP_WEIGHTS,
                             # the 2-process run also has the user's own process group
                             init_process_group=world == 2))
     return out
@@ -109,6 +116,11 @@ def test_processes_equal_emulation(pipes, tmp_path):
     assert not shm_left(pids), "shared-memory segments left behind"
     for cfg in configs:
         world = cfg["world"]
+        if cfg["split"] == "time":  # measured, so it may differ from run to run: emulate the ranks' split
+            splits_got = {torch.load(tmp_path / f"{cfg['id']}.rank{r}.pt", weights_only=False)["split"]
+                          for r in range(world)}
+            assert len(splits_got) == 1, splits_got
+            cfg = {**cfg, "split": splits_got.pop()}
         expected, ad = emulate(pipes(cfg["arch"]), cfg)
         assert not (tmp_path / f"{cfg['id']}.rank{world}.pt").exists(), "a rank outside the world ran"
         for rank in range(world):
@@ -125,6 +137,28 @@ def test_processes_equal_emulation(pipes, tmp_path):
                 assert count == len(got["latents"]) * ad.counts[key]
             # one progress bar: rank 0's
             assert bool(got["progress"].get("disable")) == (rank != 0), f"{cfg['id']} rank {rank}"
+            # the weights this rank held: its own blocks and the glue, or everything
+            assert set(got["real"]) == held_names(ad, rank, cfg["keep_weights"]), f"{cfg['id']} rank {rank}"
+            assert (got["freed"] > 0) != cfg["keep_weights"]
+            # after remove(): a complete pipeline is usable; a sharded one says it must be reloaded
+            if cfg["keep_weights"]:
+                assert got["again"] == "attached" and got.get("guard", "ran") == "ran", cfg["id"]
+            else:
+                assert "meta device" in got["again"] and "reload" in got["again"], got["again"]
+                if cfg["after_remove"]:
+                    assert "keep_weights=True" in got["guard"] and f"rank {rank}" in got["guard"], got["guard"]
+
+
+def held_names(ad, rank: int, keep_weights: bool) -> set:
+    """The denoiser tensors a rank keeps (docs/design.md §6.5), from the split alone."""
+    units = shard.tensor_units(ad.layout, ad.split.owner, ad.denoiser)
+    if keep_weights:
+        return set(units)
+    component = rank if rank < ad.model_n else ad.model_n - 1
+    mine = set(ad.split.components[component])
+    held = {name for name, unit in units.items() if unit is None or unit in mine}
+    assert len(held) < len(units) and {u for u in units.values() if u is not None} - mine
+    return held
 
 
 def test_wrong_world_size_fails_on_every_rank(tmp_path):
