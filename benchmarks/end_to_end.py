@@ -7,7 +7,11 @@ Rows, all measured in one run, each configuration in fresh processes:
 * AsyncDiff ``model_n=N, stride=S`` over M = N + S - 1 rank processes x 1
   thread each, shared-memory transport, started with the torchrun variables;
 * AsyncDiff in-process: the same in one process, ``devices=["cpu"] * M``,
-  one worker thread per rank (1 intra-op thread each), no torchrun.
+  one worker thread per rank (1 intra-op thread each), no torchrun;
+* AsyncDiff with every step a warm-up step (``warm_up = steps``) over the M
+  rank processes: with each rank holding only its own blocks, each step is a
+  pipeline through the owners, i.e. one sequential step plus the copies (its
+  time against the 1x1 row is the cost of warm-up with sharding).
 
 Models:
 
@@ -52,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--stride", type=int, default=1, choices=(1, 2), help="AsyncDiff stride")
     ap.add_argument("--warm-up", type=int, default=1, help="AsyncDiff warm_up (the paper's speed-ups use 1)")
     ap.add_argument("--split", default=None, help="AsyncDiff split (default: paper preset, else auto)")
+    ap.add_argument("--rows", default=None,
+                    help="comma list of rows besides plain 1x1: plain, asyncdiff, threads, warm-up (default: all)")
     ap.add_argument("--repeat", type=int, default=3, help="timed pipeline calls per configuration (median)")
     ap.add_argument("--warmup-calls", type=int, default=1, help="untimed pipeline calls before timing")
     ap.add_argument("--seed", type=int, default=0)
@@ -114,11 +120,13 @@ def worker(args):
     torch.manual_seed(args.seed)
     pipe, call = build(job["model"], args)
     ad, barrier = None, (lambda: None)
-    if job["mode"] in ("asyncdiff", "threads"):
+    if job["mode"] in ("asyncdiff", "threads", "warm-up"):
         from asyncdiff import AsyncDiff
 
         world = args.model_n + args.stride - 1
-        ad = AsyncDiff(pipe, model_n=args.model_n, stride=args.stride, warm_up=args.warm_up, split=args.split,
+        # "warm-up": every call a warm-up call, i.e. (sharded) a pipeline through the owners
+        warm_up = args.steps if job["mode"] == "warm-up" else args.warm_up
+        ad = AsyncDiff(pipe, model_n=args.model_n, stride=args.stride, warm_up=warm_up, split=args.split,
                        timeout=args.timeout, devices=["cpu"] * world if job["mode"] == "threads" else None)
         # every rank enters each timed call together (the transport's barrier, when it has one)
         link = getattr(getattr(ad, "_mode", None), "transport", None)
@@ -164,7 +172,7 @@ def run_config(model: str, mode: str, procs: int, threads: int, args) -> dict:
     job = json.dumps({"model": model, "mode": mode, "threads": threads})
     argv = [a for a in sys.argv[1:]]
     results = _util.launch(Path(__file__).resolve(), argv + ["--job", job], world=procs, threads=threads,
-                           silence=args.timeout, torchrun_env=(mode == "asyncdiff"))
+                           silence=args.timeout, torchrun_env=(mode in ("asyncdiff", "warm-up")))
     walls = [max(r["spans"][i][1] for r in results) - min(r["spans"][i][0] for r in results)
              for i in range(args.repeat)]
     import torch
@@ -178,15 +186,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.job is not None:
         return worker(args)
-    import torch
 
     world = args.model_n + args.stride - 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in ("sd15", "digits"):
             raise SystemExit(f"--models: unknown model {m!r} (expected sd15, digits)")
-    configs = [("plain", 1, 1), ("plain", 1, world), ("asyncdiff", world, 1), ("threads", 1, world)]
+    configs = [("plain", 1, 1), ("plain", 1, world), ("asyncdiff", world, 1), ("threads", 1, world),
+               ("warm-up", world, 1)]
     configs = list(dict.fromkeys(configs))  # world 1: the first two are the same
+    if args.rows:
+        wanted = {r.strip() for r in args.rows.split(",")}
+        configs = [c for c in configs if c[0] in wanted or (c[0] == "plain" and c[2] == 1)]
     _util.preamble(
         "End-to-end pipeline wall time: plain vs AsyncDiff",
         threads="per row (procs x threads)",
@@ -212,7 +223,8 @@ def main(argv=None):
             continue
         base = None
         for mode, procs, threads in configs:
-            label = {"asyncdiff": "AsyncDiff", "threads": f"AsyncDiff in-process, {world} threads"}.get(mode, "plain")
+            label = {"asyncdiff": "AsyncDiff", "threads": f"AsyncDiff in-process, {world} threads",
+                     "warm-up": "AsyncDiff, every step a warm-up step (sharded: through the owners)"}.get(mode, "plain")
             try:
                 r = run_config(model, mode, procs, threads, args)
             except _util.LaunchError as exc:
