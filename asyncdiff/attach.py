@@ -89,7 +89,8 @@ class AsyncDiff:
     time_shift: give each component the previous step's timestep.
     split: None (paper preset when the architecture has one, else auto),
         ``"auto"`` (balanced on FLOPs), ``"time"`` (balanced on each unit's
-        measured time), ``"paper"``, or an explicit split (``"conv_in d0 | ..."``
+        measured time), ``"memory"`` (balanced on weight bytes: the least
+        memory per rank), ``"paper"``, or an explicit split (``"conv_in d0 | ..."``
         or a list of lists of unit names).
     transport: ``"auto"`` (emulation without torchrun; under torchrun NCCL
         when every rank has a GPU and NCCL loads, else shared memory),
@@ -138,7 +139,7 @@ class AsyncDiff:
         n_fine = len(self.layout.fine_units())
         if model_n > n_fine:
             raise ValueError(f"model_n: {model_n} components but the denoiser has only {n_fine} units to share")
-        self.split = splits.resolve_static(self.layout, model_n, self.config.split)
+        self.split = splits.resolve_static(self.layout, model_n, self.config.split, denoiser)
         self.counts: Counter = Counter()  # (rank, unit) -> executions in the asynchronous phase
         self._state = hooks.BlockState()
         self._hooked: list = []  # (module, hook name, registry made for it)

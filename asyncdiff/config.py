@@ -65,7 +65,7 @@ def _normalise_split(split):
             else:
                 raise TypeError(f"split: a component must be a string or a list of unit names, got {part!r}")
         return tuple(comps)
-    raise TypeError(f"split: expected None, 'auto', 'time', 'paper', a string or a list of components, "
+    raise TypeError(f"split: expected None, 'auto', 'time', 'memory', 'paper', a string or a list of components, "
                     f"got {type(split).__name__}")
 
 

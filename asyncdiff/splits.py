@@ -309,9 +309,29 @@ def component_costs(layout: Layout, split: Split, order: list[str], costs: list[
     return [float(c) for c in per]
 
 
-def resolve_static(layout: Layout, n: int, split) -> Split | None:
-    """The split when it needs no cost count (paper preset or explicit), else
-    None ("auto" and "time" are decided at the first denoiser call)."""
+def count_bytes(layout: Layout, denoiser: torch.nn.Module):
+    """Bytes of every fine unit's parameters and buffers, fine units in layout
+    order (blocks in the order they run, each block's parts as they run)."""
+    from .shard import tensor_units
+
+    order = layout.fine_units()
+    sizes = dict.fromkeys(order, 0)
+    tensors = dict([*denoiser.named_parameters(), *denoiser.named_buffers()])
+    for name, unit in tensor_units(layout, order, denoiser).items():
+        if unit is not None:
+            sizes[unit] += tensors[name].numel() * tensors[name].element_size()
+    return order, [float(sizes[u]) for u in order]
+
+
+def resolve_static(layout: Layout, n: int, split, denoiser: torch.nn.Module | None = None) -> Split | None:
+    """The split when it needs no input shapes (paper preset, explicit, or
+    "memory" -- balanced on weight bytes, which needs ``denoiser``), else None
+    ("auto" and "time" are decided at the first denoiser call)."""
+    if split == "memory":
+        if denoiser is None:
+            raise TypeError("split: 'memory' needs the denoiser to count its bytes")
+        order, costs = count_bytes(layout, denoiser)
+        return auto(layout, n, order, costs, source="memory")
     if split is None:
         text = preset(layout, n)
         return validate(layout, parse(text), n, "paper") if text else None
@@ -327,6 +347,6 @@ def resolve_static(layout: Layout, n: int, split) -> Split | None:
     if isinstance(split, str) and "|" not in split and len(split.split()) == 1:
         word = split.strip()
         if word not in layout.paths and not _RANGE.match(word):  # a misspelt option, not a unit
-            raise ValueError(f"split: unknown value {split!r}; expected None, 'auto', 'time', 'paper' or an "
+            raise ValueError(f"split: unknown value {split!r}; expected None, 'auto', 'time', 'memory', 'paper' or an "
                              "explicit split such as 'conv_in d0-3 mid | u0 u1 u2 u3 conv_norm_out conv_out'")
     return validate(layout, parse(split), n, "explicit")

@@ -105,3 +105,29 @@ def test_the_guard_says_why_a_sharded_denoiser_cannot_run():
     hooks.register(unet, shard.Guard(rank=1, component=1), shard.GUARD_HOOK)
     with pytest.raises(RuntimeError, match=r"rank 1 kept only the blocks of component 1.*keep_weights=True"):
         unet(torch.zeros(1, 4, 8, 8), 1, encoder_hidden_states=torch.zeros(1, 77, 32))
+
+
+def test_split_memory_balances_weight_bytes_on_the_real_sd15_config():
+    """split="memory": the least weight per rank, decided at attach (no input shapes needed)."""
+    unet = tiny.build_real_unet("sd15")  # meta device: sizes only
+    layout = arch.describe(unet)
+    units = shard.tensor_units(layout, layout.paths, unet)
+    sizes = {n: t.numel() * t.element_size() for n, t in [*unet.named_parameters(), *unet.named_buffers()]}
+    full = sum(sizes.values())
+    for n, bound in ((2, 0.6), (4, 0.33)):
+        split = splits.resolve_static(layout, n, "memory", unet)
+        assert split.source == "memory" and len(split.components) == n
+        owner = split.owner
+        per = [0] * n
+        for name, unit in shard.tensor_units(layout, owner, unet).items():
+            for r in range(n):
+                if unit is None or owner[unit] == r:
+                    per[r] += sizes[name]
+        assert max(per) <= bound * full, (n, max(per) / full)
+        paper = splits.resolve_static(layout, n, "paper")
+        paper_max = max(sum(sizes[m] for m, u in shard.tensor_units(layout, paper.owner, unet).items()
+                            if u is None or paper.owner[u] == r) for r in range(n))
+        assert max(per) < paper_max
+    assert units  # every unit of the layout has tensors
+    with pytest.raises(TypeError, match="split: 'memory' needs the denoiser"):
+        splits.resolve_static(layout, 2, "memory")
