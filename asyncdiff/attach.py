@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 from diffusers.utils.torch_utils import unwrap_module
 
-from . import _core, arch, hooks, launch, shard, splits
+from . import _core, arch, encoders, hooks, launch, shard, splits
 from .config import AsyncDiffConfig
 from .emulate import Emulation
 from .threads import Threads
@@ -106,18 +106,23 @@ class AsyncDiff:
         denoiser per device); ``remove()`` then leaves a pipeline that must
         be reloaded.  Emulation and ``devices=`` keep every weight (one
         process plays every rank).
+    encoders: ``"all"`` (every rank runs the text encoders) or ``"rank0"``:
+        under torchrun only rank 0 runs ``encode_prompt`` and the others
+        receive its embeddings and free their text encoders (the outputs do
+        not change; ranks other than 0 must reload the pipeline after
+        ``remove()``).  No effect in one process.
     """
 
     def __init__(self, pipeline, model_n: int = 2, stride: int = 1, warm_up: int = 1,
                  time_shift: bool = False, *, split=None, transport: str = "auto", timeout: float = 300.0,
-                 devices=None, keep_weights: bool = False):
+                 devices=None, keep_weights: bool = False, encoders: str = "all"):
         # Under torchrun the ranks meet before anything is checked, so that an
         # error on one rank (a bad argument included) reaches the others at
         # once instead of leaving them waiting (docs/design.md §8).
         board = launch.board_if_launched(transport, timeout)
         try:
             self._attach(pipeline, AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout,
-                                                   devices, keep_weights), board)
+                                                   devices, keep_weights, encoders), board)
         except BaseException as exc:
             if board is not None:
                 board.fail(exc)
@@ -158,6 +163,9 @@ class AsyncDiff:
                              "drop devices=, or run without torchrun to drive them all from one process")
         if self.config.devices is not None:
             self._mode = Threads(self.config.world_size, {}, self.config.devices)
+            first = torch.device(self.config.devices[0])
+            if first.type != "cpu" and launch.device_of(denoiser) != first:
+                self._changes.move(first)  # rank 0 runs the pipeline's own denoiser there
         elif rank is None:
             self._mode = Emulation(self.config.world_size, {})
         else:
@@ -169,6 +177,9 @@ class AsyncDiff:
         if self.split is not None:
             self._hook_blocks()
             self._shard()
+        self._prompts = None
+        if rank is not None and self.config.encoders == "rank0":
+            self._prompts = encoders.PromptRelay(pipeline, self._mode.board, self._device)
 
     # ---------------------------------------------------------------- public
     @property
@@ -220,6 +231,8 @@ class AsyncDiff:
             hooks.unregister(module, name, created)
         self._hooked.clear()
         self._mode.close(failed=False)
+        if self._prompts is not None:
+            self._prompts.remove()
         self._changes.undo()
         if shard.meta_names(self.denoiser) and hooks.attached_hook(self.denoiser, shard.GUARD_HOOK) is None:
             hooks.register(self.denoiser, shard.Guard(self.rank, self._component()), shard.GUARD_HOOK)
@@ -233,6 +246,8 @@ class AsyncDiff:
         self._mode.units_of.update(units_of)
         for unit in self.split.owner:
             self._hook(self.layout.module(unit, self.denoiser), hooks.BlockHook(unit, self._state), hooks.BLOCK_HOOK)
+        if isinstance(self._mode, Threads):  # the other devices' copies of their components
+            self._mode.attach_split(self.denoiser, self.layout, self.split, self._state, self._component)
 
     def _component(self, rank: int | None = None) -> int:
         """The component this process (rank ``rank``) computes after warm-up."""

@@ -69,26 +69,42 @@ def _normalise_split(split):
                     f"got {type(split).__name__}")
 
 
-def _normalise_devices(devices):
-    """None, or a tuple of device names (all of one type; CPU only for now)."""
+def _normalise_devices(devices, world: int):
+    """None, or a tuple of ``world`` device names, all of one type.  ``"auto"``:
+    the first ``world`` visible GPUs."""
     if devices is None:
         return None
     if isinstance(devices, str):
-        raise ValueError(f"devices: expected a list of devices, e.g. ['cpu', 'cpu'], got {devices!r}")
+        if devices != "auto":
+            raise ValueError(f"devices: expected a list of devices, e.g. ['cuda:0', 'cuda:1'], or 'auto', "
+                             f"got {devices!r}")
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible < world:
+            raise ValueError(f"devices='auto': {visible} GPU(s) visible, model_n + stride - 1 = {world} needed; "
+                             f"give the devices, e.g. devices={['cpu'] * world!r}")
+        return tuple(f"cuda:{i}" for i in range(world))
     if not isinstance(devices, (list, tuple)) or not devices:
         raise TypeError(f"devices: expected a non-empty list of devices, got {type(devices).__name__}")
-    names = []
+    parsed = []
     for d in devices:
         try:
-            names.append(str(torch.device(d)))
+            parsed.append(torch.device(d))
         except (RuntimeError, TypeError):
             raise ValueError(f"devices: {d!r} is not a device") from None
-    kinds = {torch.device(n).type for n in names}
+    kinds = {dev.type for dev in parsed}
     if len(kinds) > 1:
         raise ValueError(f"devices: mixed device types {sorted(kinds)}; give devices of one type")
-    if kinds != {"cpu"}:
-        raise ValueError(f"devices: {names[0]}: several devices in one process run on the CPU only for now; "
-                         "for GPUs launch one process per GPU with torchrun")
+    names = []
+    for given, dev in zip(devices, parsed):
+        if dev.type == "cuda":
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = 0 if dev.index is None else dev.index
+            if index >= visible:
+                raise ValueError(f"devices: {given!r} does not exist ({visible} CUDA device(s) visible)")
+            dev = torch.device("cuda", index)
+        elif dev.type != "cpu":
+            raise ValueError(f"devices: {given!r}: only CPU and CUDA devices are supported")
+        names.append(str(dev))
     return tuple(names)
 
 
@@ -105,10 +121,14 @@ class AsyncDiffConfig:
     transport: "auto", "emulate", "shm" or "nccl".
     timeout: seconds of silence any wait for another rank may last, in (0, 1e9].
     devices: None, or one device per rank (model_n + stride - 1) driven by
-        this one process, one thread each (``["cpu", "cpu"]``).
+        this one process, one thread each (``["cpu", "cpu"]``,
+        ``["cuda:0", "cuda:1"]``), or ``"auto"`` (the first visible GPUs).
     keep_weights: under a launch, keep the whole denoiser on every rank
         (False: each rank keeps its own blocks and the glue, the rest goes to
         the meta device; docs/design.md §6.5).
+    encoders: "all" (every rank runs the text encoders) or "rank0" (under a
+        launch only rank 0 does; the others receive the embeddings and free
+        their text encoders; docs/design.md §6.6).
     """
 
     model_n: int = 2
@@ -120,6 +140,7 @@ class AsyncDiffConfig:
     timeout: float = 300.0
     devices: tuple | None = None
     keep_weights: bool = False
+    encoders: str = "all"
 
     def __post_init__(self):
         check_int("model_n", self.model_n)
@@ -131,9 +152,12 @@ class AsyncDiffConfig:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {', '.join(map(repr, TRANSPORTS))}, got {self.transport!r}")
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
-        object.__setattr__(self, "devices", _normalise_devices(self.devices))
+        object.__setattr__(self, "devices", _normalise_devices(self.devices, self.world_size))
         if not isinstance(self.keep_weights, bool):
             raise TypeError(f"keep_weights: expected a bool, got {type(self.keep_weights).__name__}")
+        if self.encoders not in ("all", "rank0"):
+            raise ValueError(f"encoders: expected 'all' (every rank encodes its prompt) or 'rank0' (rank 0 "
+                             f"encodes, the others receive the embeddings), got {self.encoders!r}")
         if self.devices is not None:
             if len(self.devices) != self.world_size:
                 raise ValueError(f"devices: {len(self.devices)} given, but model_n + stride - 1 = {self.world_size} "
@@ -153,7 +177,7 @@ class AsyncDiffConfig:
             [p if isinstance(p, str) else list(p) for p in self.split]
         return {"model_n": self.model_n, "stride": self.stride, "warm_up": self.warm_up,
                 "time_shift": self.time_shift, "split": split, "transport": self.transport,
-                "keep_weights": self.keep_weights}
+                "keep_weights": self.keep_weights, "encoders": self.encoders}
 
 
 _TRUE = ("1", "true", "t", "yes", "y", "on")
@@ -205,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, warm_up: int = 1) -> argpa
     a.add_argument("--timeout", type=float, default=300.0, help="seconds a rank may wait for another")
     a.add_argument("--keep_weights", type=str2bool, default=False, metavar="BOOL",
                    help="keep the whole denoiser on every rank (default: each rank keeps its own blocks)")
+    a.add_argument("--encoders", choices=("all", "rank0"), default="all",
+                   help="rank0: only rank 0 runs the text encoders, the others receive the embeddings")
     return parser
 
 
@@ -217,7 +243,7 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Asyn
     try:
         config = AsyncDiffConfig(model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
                                  time_shift=args.time_shift, split=args.split, transport=args.transport,
-                                 timeout=args.timeout, keep_weights=args.keep_weights)
+                                 timeout=args.timeout, keep_weights=args.keep_weights, encoders=args.encoders)
         launch.rank_if_launched(config)  # a launch of the wrong size, before any model is loaded
         return config
     except (TypeError, ValueError) as exc:

@@ -5,7 +5,8 @@ only the parameters and buffers of the units its component owns (the extra
 rank of stride 2: those of the last component) and the *glue*: every tensor
 of the denoiser that lies outside every unit of the split (time and
 conditioning embeddings, a transformer's patch embedding, the parameters of a
-refined block outside its parts).  The other units' tensors are moved to the
+refined block outside its parts), and the denoiser's first parameter
+(``first_parameter``).  The other units' tensors are moved to the
 ``meta`` device, which frees their memory.
 
 ``held_units`` names what a rank keeps; ``tensor_units`` maps every tensor
@@ -53,6 +54,14 @@ def _tensors(module: torch.nn.Module):
     yield from module.named_buffers(remove_duplicate=True)
 
 
+def first_parameter(denoiser: torch.nn.Module) -> str | None:
+    """The name of the denoiser's first parameter.  Every rank keeps it real, even
+    when its unit belongs to another rank (a UNet's ``conv_in.weight``: a few
+    kilobytes): diffusers reads a model's ``device`` and ``dtype``, and a
+    pipeline its execution device, from the first parameter."""
+    return next((name for name, _ in denoiser.named_parameters()), None)
+
+
 def meta_names(module: torch.nn.Module) -> list[str]:
     """Names of the parameters and buffers that live on the meta device."""
     return [name for name, t in _tensors(module) if t.is_meta]
@@ -96,6 +105,7 @@ def place(denoiser: torch.nn.Module, layout: Layout, units, held, device) -> int
     known yet).  ``device=None`` leaves glue and held units where they are.
     Returns the bytes moved to the meta device."""
     prefixes = sorted(unit_prefixes(layout, units).items(), key=lambda kv: -len(kv[0]))
+    first = first_parameter(denoiser)
     freed = 0
     for mod_name, module in denoiser.named_modules(remove_duplicate=True):
         base = f"{mod_name}." if mod_name else ""
@@ -105,7 +115,7 @@ def place(denoiser: torch.nn.Module, layout: Layout, units, held, device) -> int
                     continue
                 full = base + name
                 unit = next((u for p, u in prefixes if full.startswith(p)), None)
-                if unit is None or (held is not None and unit in held):
+                if unit is None or (held is not None and unit in held) or (kind and full == first):
                     target = None if device is None else torch.device(device)
                 elif held is None:
                     target = None
@@ -133,3 +143,33 @@ class Guard(ModelHook):
             "the pipeline from its files, or attach with keep_weights=True to get a complete pipeline back "
             "from remove()"
         )
+
+
+def replica(denoiser: torch.nn.Module, layout: Layout, units, held, device) -> torch.nn.Module:
+    """A second denoiser of the same class and config that holds only the glue
+    and the units in ``held``, on ``device`` (the other units' tensors on the
+    meta device).  Built from the config on the meta device and given the
+    original's tensors (copied to ``device``, shared when already there), so
+    no full copy is ever made and no hook of the original comes along.  Used
+    for several devices in one process (docs/design.md §6.4)."""
+    device = torch.device(device)
+    with torch.device(META):
+        copy = type(denoiser).from_config(dict(denoiser.config))
+    copy.train(denoiser.training)
+    prefixes = sorted(unit_prefixes(layout, units).items(), key=lambda kv: -len(kv[0]))
+    originals = dict(denoiser.named_modules(remove_duplicate=False))
+    for mod_name, module in copy.named_modules(remove_duplicate=False):
+        source = originals[mod_name]
+        base = f"{mod_name}." if mod_name else ""
+        for parameter, table, from_table in ((True, module._parameters, source._parameters),
+                                             (False, module._buffers, source._buffers)):
+            for name in list(table):
+                src = from_table.get(name)
+                if src is None:
+                    table[name] = None
+                    continue
+                unit = next((u for p, u in prefixes if (base + name).startswith(p)), None)
+                keep = unit is None or unit in held
+                new = src.detach().to(device) if keep else torch.empty_like(src, device=META)
+                table[name] = torch.nn.Parameter(new, requires_grad=src.requires_grad) if parameter else new
+    return copy

@@ -1,17 +1,30 @@
 """Several devices in one process: one thread per component (docs/design.md §6.4).
 
-``AsyncDiff(pipe, model_n, devices=["cpu", "cpu"])`` in a plain script or a
-Jupyter kernel.  The schedule and the passes are exactly the emulation's
-(``emulate.py``): at denoiser call k every rank that computes runs its
-forward, reading what the owners stored at call k - 1 and storing its own
-outputs.  Those forwards do not depend on each other, so here they run at the
-same time, one worker thread per rank; outputs are handed over as tensors
-(the in-process transport: a reference, no copy).  torch releases the GIL
-inside its operators, so the threads overlap wherever the model's time is in
-operators.  While the workers run, torch uses ``cores // ranks`` intra-op
+``AsyncDiff(pipe, model_n, devices=["cpu", "cpu"])`` (or ``["cuda:0",
+"cuda:1"]``, or ``"auto"``) in a plain script or a Jupyter kernel.  The
+schedule and the passes are exactly the emulation's (``emulate.py``): at
+denoiser call k every rank that computes runs its forward, reading what the
+owners stored at call k - 1 and storing its own outputs.  Those forwards do
+not depend on each other, so here they run at the same time, one worker
+thread per rank.
+
+On one device (the CPU) every rank runs the pipeline's own denoiser and the
+outputs are handed over as tensors (a reference, no copy).  torch releases the
+GIL inside its operators, so the threads overlap wherever the model's time is
+in operators.  While the workers run, torch uses ``cores // ranks`` intra-op
 threads (one process-wide setting), so the components do not oversubscribe
-the cores; warm-up calls and the rest of the pipeline keep the caller's.  The result is bitwise the
-emulation's when the emulation uses as many intra-op threads as each worker.
+the cores; warm-up calls and the rest of the pipeline keep the caller's.  The
+result is bitwise the emulation's when the emulation uses as many intra-op
+threads as each worker.
+
+On several devices rank 0 runs the pipeline's denoiser on ``devices[0]`` (it
+also runs the warm-up calls, whole) and every other rank a *replica* on its
+own device that holds only the glue and its component's blocks
+(``shard.replica``).  A worker copies the call's inputs to its device and
+runs there; the outputs a rank stores are copied to the other devices once
+the call is over (torch orders a copy between devices after the work that
+made its source), which is the in-process transport; the result goes back to
+``devices[0]``.
 
 A worker that raises makes the call raise that exception after every worker
 has finished (no partial output); the next pipeline call starts afresh.
@@ -24,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import hooks, shard
 from .emulate import Emulation
+from .outputs import flatten, unflatten
 from .step import run_in_turn
 
 
@@ -33,25 +48,106 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _to(obj, device: torch.device):
+    """``obj`` with every tensor in it on ``device`` (tensors, sequences, dicts
+    and diffusers outputs followed; anything else as it is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True) if obj.device != device else obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        spec, tensors = flatten(obj) if _plain(obj) else (None, None)
+        if spec is None:
+            return {k: _to(v, device) for k, v in obj.items()} if type(obj) is dict else obj
+        return unflatten(spec, [_to(t, device) for t in tensors])
+    return obj
+
+
+def _plain(obj) -> bool:
+    """Whether ``flatten`` can take ``obj`` apart (tensors, sequences, dicts, constants)."""
+    try:
+        flatten(obj)
+        return True
+    except TypeError:
+        return False
+
+
 class Threads(Emulation):
     kind = "threads"
 
-    def __init__(self, world: int, units_of: dict, devices: tuple):
+    def __init__(self, world: int, units_of: dict, devices: tuple, replicate: bool | None = None):
         super().__init__(world, units_of)
-        self.devices = devices
-        self.intra_op = max(1, cores() // world)
+        self.devices = tuple(torch.device(d) for d in devices)
+        # one replica per rank whose device differs from rank 0's; ASYNCDIFF_REPLICAS=1 makes
+        # them on one device too (the tests check the replica path on the CPU that way)
+        if replicate is None:
+            replicate = len(set(self.devices)) > 1 or os.environ.get("ASYNCDIFF_REPLICAS") == "1"
+        self.replicate = replicate
+        # ASYNCDIFF_ONE_HOST_THREAD=1: issue every rank's work from the caller's thread, one rank after
+        # the other (on GPUs the kernels still overlap: launches do not wait); for measuring which is faster
+        self.one_host_thread = os.environ.get("ASYNCDIFF_ONE_HOST_THREAD") == "1"
+        self.replicas: dict = {}  # rank -> its denoiser (glue + its blocks), rank 0 excluded
+        self._hooked: list = []  # (module, hook name, registry made for it) on the replicas
+        self.views: dict = {}  # device -> {unit: (spec, tensors on that device)}
+        cpu_ranks = sum(d.type == "cpu" for d in self.devices)
+        self.intra_op = max(1, cores() // max(1, cpu_ranks))
         self._pool = ThreadPoolExecutor(max_workers=world, thread_name_prefix="asyncdiff")
 
+    # ---------------------------------------------------------- replicas
+    def attach_split(self, denoiser, layout, split, state, component_of) -> None:
+        """Once the split is known: a replica for every rank but 0 (when replicating)."""
+        if not self.replicate:
+            return
+        for rank in range(1, self.world):
+            held = shard.held_units(split.components, component_of(rank))
+            copy = shard.replica(denoiser, layout, split.owner, held, self.devices[rank])
+            for unit in split.owner:
+                module = layout.module(unit, copy)
+                self._hooked.append((module, hooks.BLOCK_HOOK,
+                                     hooks.register(module, hooks.BlockHook(unit, state), hooks.BLOCK_HOOK)))
+            self.replicas[rank] = copy
+
+    def _view(self, device: torch.device) -> dict:
+        """What the owners published, on ``device``."""
+        view = self.views.setdefault(device, {})
+        for unit, (spec, tensors) in self.published.items():
+            have = view.get(unit)
+            if have is None or have[2] is not tensors[0]:  # new since the last copy
+                view[unit] = (spec, [_to(t, device) for t in tensors], tensors[0])
+        return {u: (spec, ts) for u, (spec, ts, _) in view.items()}
+
+    def begin(self, call, k: int) -> list:
+        passes = super().begin(call, k)
+        if self.replicas:
+            for p in passes:
+                p.cache = self._view(self.devices[p.rank])
+        return passes
+
+    def finish(self, call, k: int, passes: list, outs: list):
+        out = super().finish(call, k, passes, outs)
+        return _to(out, self.devices[0]) if self.replicas else out
+
+    # --------------------------------------------------------------- run
     def run(self, forward, runs: list, state) -> list:
-        if len(runs) == 1:  # a warm-up call, or one computing rank: nothing to overlap
-            return run_in_turn(forward, runs, state)
+        if len(runs) == 1 and runs[0][0].rank not in self.replicas:
+            return run_in_turn(forward, runs, state)  # a warm-up call, or rank 0 alone: nothing to overlap
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def one(p, a, kw):
+            device = self.devices[p.rank]
+            copy = self.replicas.get(p.rank)
+            fn = copy.forward if copy is not None else forward
+            if copy is not None:
+                a, kw = _to(a, device), _to(kw, device)
             # grad and inference modes are per thread: take the caller's
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return run_in_turn(forward, [(p, a, kw)], state)[0]
+                if device.type == "cuda":
+                    with torch.cuda.device(device):
+                        return run_in_turn(fn, [(p, a, kw)], state)[0]
+                return run_in_turn(fn, [(p, a, kw)], state)[0]
 
+        if self.one_host_thread:
+            return [one(*run) for run in runs]
         # torch's intra-op thread count is one setting for the whole process:
         # the workers' share while they run, the caller's again afterwards
         saved = torch.get_num_threads()
@@ -66,6 +162,14 @@ class Threads(Emulation):
                 raise error
         return [f.result() for f in futures]
 
+    def fail(self, exc: BaseException) -> None:
+        super().fail(exc)
+        self.views = {}
+
     def close(self, failed: bool = False):
         super().close(failed)
+        for module, name, created in reversed(self._hooked):
+            hooks.unregister(module, name, created)
+        self._hooked.clear()
+        self.replicas, self.views = {}, {}
         self._pool.shutdown(wait=True)

@@ -178,17 +178,14 @@ def measure_arch(arch: str, args, clock: Clock, dtype) -> tuple[list, list, list
     return block_rows, unit_rows, rows
 
 
-def e2e_rank(args):
-    """``--e2e``, one rank of a launch over GPUs (``_util.launch``; gpu_acceptance.py's e2e-2gpu): the
-    pipeline with the real SD 1.5 UNet (fp16, random weights) on cuda:LOCAL_RANK, 512 px, batch 2,
-    median wall time of 3 calls after one, plain and then with AsyncDiff over NCCL (N = WORLD_SIZE)."""
+def _real_sd15(dev, args):
+    """``timed()``: median wall time of 3 calls (after one) of a pipeline with the real
+    SD 1.5 UNet (fp16, random weights) on ``dev``, 512 px, batch 2; ``timed.pipe`` is it."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from asyncdiff import AsyncDiff
     from asyncdiff.testing import tiny
 
-    dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     small = tiny.build_pipeline("sd15", seed=args.seed)
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel.from_config(tiny.real_config("sd15")).half().eval()
@@ -201,7 +198,7 @@ def e2e_rank(args):
     def call():
         pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=512, width=512, num_inference_steps=args.steps,
              guidance_scale=7.5, output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize()
 
     def timed():
         call()
@@ -212,6 +209,45 @@ def e2e_rank(args):
             spans.append(time.perf_counter() - t0)
         return statistics.median(spans)
 
+    timed.pipe = pipe
+    return timed
+
+
+def in_process(args, n: int = 2) -> dict:
+    """gpu_acceptance.py's devices-2gpu: the same pipeline in ONE process on cuda:0, plain, then
+    AsyncDiff(model_n=n, devices=[cuda:0 .. cuda:n-1]) driven by one thread per device, then by one
+    host thread for every device (ASYNCDIFF_ONE_HOST_THREAD=1): which is faster is docs/design.md §6.4's
+    open question."""
+    import torch
+
+    from asyncdiff import AsyncDiff
+
+    timed = _real_sd15(torch.device("cuda", 0), args)
+    out = {}
+    with torch.no_grad():
+        out["plain"] = timed()
+        for label, one in (("thread per device", "0"), ("one host thread", "1")):
+            os.environ["ASYNCDIFF_ONE_HOST_THREAD"] = one
+            ad = AsyncDiff(timed.pipe, model_n=n, stride=1, warm_up=1, devices=[f"cuda:{i}" for i in range(n)])
+            try:
+                out[label] = timed()
+            finally:
+                ad.remove()
+                os.environ.pop("ASYNCDIFF_ONE_HOST_THREAD", None)
+    return out
+
+
+def e2e_rank(args):
+    """``--e2e``, one rank of a launch over GPUs (``_util.launch``; gpu_acceptance.py's e2e-2gpu): the
+    pipeline with the real SD 1.5 UNet (fp16, random weights) on cuda:LOCAL_RANK, 512 px, batch 2,
+    median wall time of 3 calls after one, plain and then with AsyncDiff over NCCL (N = WORLD_SIZE)."""
+    import torch
+
+    from asyncdiff import AsyncDiff
+
+    dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    timed = _real_sd15(dev, args)
+    pipe = timed.pipe
     with torch.no_grad():
         plain = timed()
         ad = AsyncDiff(pipe, model_n=int(os.environ["WORLD_SIZE"]), stride=1, warm_up=1, transport="nccl",

@@ -10,12 +10,15 @@ table to paste into README's "GPU support".  Checks, in order: loader
 cuda:0, bitwise equal to the plain pipeline at warm_up >= steps), shm-2proc
 (two processes sharing cuda:0 over shared memory equal the emulation;
 tests/test_gpu.py's rank worker), multi-device (the in-process mode on
-["cuda:0", "cuda:0"], once AsyncDiff has one), nccl-self (world size 1, self
+["cuda:0", "cuda:0"] with and without per-device copies, and on
+["cuda:0", "cuda:1"] with two GPUs, against the emulation), nccl-self (world size 1, self
 send/receive), nccl-timeout (a world-2 communicator with rank 0 alone raises
 after its timeout and returns from the abort), nccl-inflight (a failed
 exchange keeps its tensors until the abort), timing (per-component GPU times
 of SD 1.5 and SDXL, fp16, random weights, implied N=2/4 speed-up:
-benchmarks/gpu.py), nccl-2gpu and e2e-2gpu (two GPUs).
+benchmarks/gpu.py), nccl-2gpu, e2e-2gpu and devices-2gpu (two GPUs: the
+speed-up over NCCL processes, and in one process with one thread per device
+vs one host thread).
 
 Without a GPU each line that needs one says SKIP and why, after going as far
 as a CPU allows: the loader names the real libraries, the NCCL lines call them
@@ -27,7 +30,6 @@ could block run in a child process with a hard time limit.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import subprocess
@@ -182,23 +184,53 @@ def shm_two_processes(args):
 def multi_device(args):
     from asyncdiff import AsyncDiff
 
-    if "devices" not in inspect.signature(AsyncDiff).parameters:
-        return "SKIP", "AsyncDiff has no devices= option: the in-process multi-device mode does not exist yet"
     why = no_gpu()
     if why:
         return "SKIP", why
     from test_gpu import _emulate, _run
 
+    import os
+
+    import torch
+
     exact_math()
     expected = _emulate(_pipeline("cuda:0"), "sd15")
-    pipe = _pipeline("cuda:0")
-    ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, devices=["cuda:0", "cuda:0"])
-    try:
-        got = _run(pipe, "sd15").float().cpu()
-    finally:
-        ad.remove()
-    diff = (got - expected).abs().max().item()
-    return ("PASS" if diff <= 1e-4 else "FAIL"), f"max |diff| to emulation {diff:.1e}"
+    count = torch.cuda.device_count()
+    notes, ok = [], True
+    # one GPU: both ranks on cuda:0, with and without per-device copies; two: cuda:0 and cuda:1
+    layouts = [(["cuda:0", "cuda:0"], "0"), (["cuda:0", "cuda:0"], "1")] + \
+        ([(["cuda:0", "cuda:1"], "0")] if count >= 2 else [])
+    for devices, copies in layouts:
+        os.environ["ASYNCDIFF_REPLICAS"] = copies
+        pipe = _pipeline("cuda:0")
+        try:
+            ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, devices=devices)
+            try:
+                got = _run(pipe, "sd15").float().cpu()
+                made = sorted(ad._mode.replicas)
+            finally:
+                ad.remove()
+        finally:
+            os.environ.pop("ASYNCDIFF_REPLICAS", None)
+        diff = (got - expected.float().cpu()).abs().max().item()
+        ok &= diff <= 1e-4
+        notes.append(f"{devices} (copies for ranks {made}): max |diff| to emulation {diff:.1e}")
+    return ("PASS" if ok else "FAIL"), "; ".join(notes)
+
+
+@check("devices-2gpu")
+def devices_two_gpus(args):
+    why = no_gpu(2)
+    if why:
+        return "SKIP", why
+    import gpu
+
+    got = gpu.in_process(gpu.parse_args(["--steps", "20"]), 2)
+    plain = got["plain"]
+    return "PASS", ("SD 1.5 UNet (real size, fp16, random weights) 512 px, 20 steps, batch 2, ONE process: "
+                    f"plain {plain:.3f} s; devices=[cuda:0, cuda:1] thread per device {got['thread per device']:.3f} s "
+                    f"(x{plain / got['thread per device']:.2f}), one host thread {got['one host thread']:.3f} s "
+                    f"(x{plain / got['one host thread']:.2f})")
 
 
 @check("nccl-self")

@@ -163,6 +163,12 @@ def rank_bytes(model, layout, split, stride: int = 1) -> Holding:
     schedule = _core.Schedule(n, stride, 1, 0, 1)
     comps = [schedule.component_of(r) for r in range(schedule.world_size)]
     ranks = [glue + sum(units[u] for u in shard.held_units(split.components, c)) for c in comps]
+    # every rank also keeps the first parameter real (diffusers reads the device from it)
+    first = shard.first_parameter(model)
+    owner = shard.tensor_units(layout, split.owner, model).get(first)
+    if owner is not None:
+        ranks = [b + (0 if owner in shard.held_units(split.components, c) else sizes[first])
+                 for b, c in zip(ranks, comps)]
     return Holding(sum(sizes.values()), glue, dict(units), ranks, comps)
 
 

@@ -20,7 +20,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from asyncdiff import AsyncDiff, transport  # noqa: E402
+from asyncdiff import AsyncDiff, encoders, transport  # noqa: E402
 from asyncdiff.testing import tiny  # noqa: E402
 
 
@@ -29,9 +29,11 @@ def run(config: dict, pipe, rank: int):
     kwargs["num_inference_steps"] = config.get("steps", kwargs.get("num_inference_steps", 6))
     kwargs.pop("generator")
     pipe.set_progress_bar_config(disable=False)  # as a user has it; AsyncDiff keeps rank 0's alone
+    present = sorted(encoders.text_encoders(pipe))
     ad = AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], warm_up=config["warm_up"],
                    time_shift=config.get("time_shift", False), split=config.get("split"),
-                   timeout=config.get("timeout", 60.0), keep_weights=config.get("keep_weights", False))
+                   timeout=config.get("timeout", 60.0), keep_weights=config.get("keep_weights", False),
+                   encoders=config.get("encoders", "all"))
     try:
         results = []
         for _ in range(config.get("repeat", 1)):
@@ -41,7 +43,8 @@ def run(config: dict, pipe, rank: int):
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
         real = sorted(n for n, t in [*denoiser.named_parameters(), *denoiser.named_buffers()] if not t.is_meta)
         result = {"latents": results, "counts": dict(ad.counts), "split": str(ad.split), "progress": progress,
-                  "real": real, "freed": ad.freed}
+                  "real": real, "freed": ad.freed, "encoders": present,
+                  "encoders_left": sorted(encoders.text_encoders(pipe))}
     finally:
         ad.remove()
         assert not getattr(pipe, "_progress_bar_config", {}).get("disable"), "progress bar not restored"

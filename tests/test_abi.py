@@ -268,8 +268,8 @@ def test_gpu_status_names_the_real_libraries():
 
 # ------------------------------------------- benchmarks/gpu_acceptance.py
 
-NEEDS_GPU = ("loader", "shm-2proc", "nccl-self", "nccl-timeout", "nccl-inflight", "timing",
-             "nccl-2gpu", "e2e-2gpu")
+NEEDS_GPU = ("loader", "shm-2proc", "multi-device", "nccl-self", "nccl-timeout", "nccl-inflight", "timing",
+             "nccl-2gpu", "e2e-2gpu", "devices-2gpu")
 
 
 def test_gpu_acceptance_script_on_cpu():
@@ -285,7 +285,7 @@ def test_gpu_acceptance_script_on_cpu():
     report = ran.stdout + ran.stderr[-3000:]
     assert ran.returncode == 0, report
     lines = {m[1]: (m[0], m[2]) for m in re.findall(r"^(PASS|FAIL|SKIP) (\S+): (.*)$", ran.stdout, re.M)}
-    assert set(lines) == {*NEEDS_GPU, "multi-device"}, report
+    assert set(lines) == set(NEEDS_GPU), report
     for name in NEEDS_GPU:
         assert lines[name][0] == "SKIP" and "needs a GPU" in lines[name][1], (name, lines[name])
     for name in ("nccl-self", "nccl-timeout", "nccl-inflight"):  # the real libraries were asked

@@ -242,6 +242,33 @@ def test_two_gpus_over_nccl(tmp_path, exact_math):
             assert got_r["real_devices"] == [f"cuda:{r}"] and got_r["meta"] > 0, (cfg["id"], got_r)
 
 
+# ------------------------------------------- several GPUs in one process
+
+@pytest.mark.parametrize("devices, copies", [
+    (["cuda:0", "cuda:0"], "0"),  # one GPU, both ranks on the pipeline's denoiser
+    (["cuda:0", "cuda:0"], "1"),  # one GPU, rank 1 on its own copy (the several-GPU path)
+    pytest.param(["cuda:0", "cuda:1"], "", marks=needs_two_gpus),
+    pytest.param("auto", "", marks=needs_two_gpus),
+])
+def test_devices_in_one_process_equal_emulation(exact_math, monkeypatch, devices, copies):
+    monkeypatch.setenv("ASYNCDIFF_REPLICAS", copies)
+    expected = _emulate(tiny.build_pipeline("sd15", seed=0).to("cuda:0"), "sd15")
+    pipe = tiny.build_pipeline("sd15", seed=0)  # on the CPU: AsyncDiff moves it to devices[0]
+    ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, devices=devices)
+    try:
+        assert str(pipe.unet.device) == "cuda:0"
+        copy = ad._mode.replicas.get(1)
+        if copies == "1" or devices != ["cuda:0", "cuda:0"]:
+            assert copy is not None
+            real = {str(t.device) for t in copy.parameters() if not t.is_meta}
+            assert real == {ad._mode.devices[1].__str__()} and any(t.is_meta for t in copy.parameters())
+        got = _run(pipe, "sd15").float().cpu()
+    finally:
+        ad.remove()
+    assert str(pipe.unet.device) == "cpu"  # moved back
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------ the rank worker
 
 def _worker(cfg_file: str, outdir: str):

@@ -24,6 +24,7 @@ import mp
 
 SD_ARCHS = ("sd15", "sd21", "sdxl", "sd3")
 KEEP_WEIGHTS = ("sd21",)  # the others hold only their own blocks; sd21's pipeline is attached again and again
+RANK0_ENCODERS = ("sdxl", "sd3")  # only rank 0 runs their text encoders (two and three of them)
 # the other pipeline families (issue: every model the original supports)
 OTHER_ARCHS = ("sd15_img2img", "sdxl_img2img", "sdxl_inpaint", "upscaler", "svd", "animatediff",
                "sdxl_controlnet")
@@ -63,6 +64,7 @@ def configs_for(world: int) -> list[dict]:
                             stride=stride, after_remove=warm == STEPS or arch in KEEP_WEIGHTS,
                             warm_up=warm, time_shift=time_shift, split=split, steps=STEPS,
                             repeat=2 if arch == "sd15" else 1, timeout=120.0, keep_weights=arch in KEEP_WEIGHTS,
+                            encoders="rank0" if arch in RANK0_ENCODERS and split is not None else "all",
                             # the 2-process run also has the user's own process group
                             init_process_group=world == 2))
     return out
@@ -140,6 +142,10 @@ def test_processes_equal_emulation(pipes, tmp_path):
             # the weights this rank held: its own blocks and the glue, or everything
             assert set(got["real"]) == held_names(ad, rank, cfg["keep_weights"]), f"{cfg['id']} rank {rank}"
             assert (got["freed"] > 0) != cfg["keep_weights"]
+            # encoders="rank0": the other ranks received the embeddings and dropped their text encoders
+            rank0 = cfg["encoders"] == "rank0"
+            assert got["encoders_left"] == ([] if rank0 and rank else got["encoders"]), cfg["id"]
+            assert len(got["encoders"]) >= 2 or not rank0  # SDXL has two, SD3 three
             # after remove(): a complete pipeline is usable; a sharded one says it must be reloaded
             if cfg["keep_weights"]:
                 assert got["again"] == "attached" and got.get("guard", "ran") == "ran", cfg["id"]
@@ -157,6 +163,7 @@ def held_names(ad, rank: int, keep_weights: bool) -> set:
     component = rank if rank < ad.model_n else ad.model_n - 1
     mine = set(ad.split.components[component])
     held = {name for name, unit in units.items() if unit is None or unit in mine}
+    held.add(shard.first_parameter(ad.denoiser))  # diffusers reads the device from it
     assert len(held) < len(units) and {u for u in units.values() if u is not None} - mine
     return held
 

@@ -34,7 +34,10 @@ def test_tensor_units_and_place_keep_exactly_the_component_and_the_glue():
     held = shard.held_units(split.components, 1)
     freed = shard.place(unet, layout, split.owner, held, None)
     real = {n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if not t.is_meta}
-    assert real == glue | {n for n, u in units.items() if u in held}
+    # and the first parameter, which diffusers reads the model's device from
+    assert shard.first_parameter(unet) == "conv_in.weight" and units["conv_in.weight"] not in held
+    assert real == glue | {n for n, u in units.items() if u in held} | {"conv_in.weight"}
+    assert unet.device.type == "cpu"
     assert freed == sum(sizes[n] for n in units if n not in real)
     assert shard.meta_names(unet) and set(shard.meta_names(unet)) == set(units) - real
     # real tensors kept their Parameter objects; meta ones keep shape and dtype
@@ -49,7 +52,8 @@ def test_place_without_a_split_moves_only_the_glue():
     layout = arch.describe(unet)
     assert shard.place(unet, layout, layout.top, None, "meta") > 0  # "meta" as the device: only glue moves
     units = shard.tensor_units(layout, layout.top, unet)
-    assert {n for n in shard.meta_names(unet)} == {n for n, u in units.items() if u is None}
+    # glue, and the first parameter, which goes wherever the glue goes
+    assert set(shard.meta_names(unet)) == {n for n, u in units.items() if u is None} | {"conv_in.weight"}
 
 
 @pytest.mark.parametrize("arch_name", ["sd15", "sdxl", "sd3"])
@@ -131,3 +135,62 @@ def test_split_memory_balances_weight_bytes_on_the_real_sd15_config():
     assert units  # every unit of the layout has tensors
     with pytest.raises(TypeError, match="split: 'memory' needs the denoiser"):
         splits.resolve_static(layout, 2, "memory")
+
+
+# ------------------------------------------------- text encoders on rank 0 only
+
+def _relays(pipes_two, timeout=30.0):
+    """Two ranks' PromptRelays in one process, meeting in a real (in-memory) store."""
+    import torch.distributed as dist
+
+    from asyncdiff import encoders, launch
+
+    store = dist.HashStore()
+    return [encoders.PromptRelay(pipe, launch.Board(store, rank, 2, timeout, hosted=False), torch.device("cpu"))
+            for rank, pipe in enumerate(pipes_two)]
+
+
+def test_rank0_encodes_and_the_other_rank_receives_the_same_embeddings():
+    from asyncdiff import encoders
+
+    pipes_two = [tiny.build_pipeline("sdxl", seed=0), tiny.build_pipeline("sdxl", seed=0)]
+    names = sorted(encoders.text_encoders(pipes_two[1]))
+    expected = pipes_two[1].encode_prompt("a red house", device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=True)
+    relay0, relay1 = _relays(pipes_two)
+    assert names == ["text_encoder", "text_encoder_2"] and encoders.text_encoders(pipes_two[1]) == {}
+    assert relay1.freed > 0 and relay0.freed == 0 and sorted(encoders.text_encoders(pipes_two[0])) == names
+    for _ in range(2):  # numbered posts: a second pipeline call reads the second post
+        sent = pipes_two[0].encode_prompt("a red house", device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=True)
+        got = pipes_two[1].encode_prompt("ignored on rank 1", device="cpu")
+        assert len(got) == len(expected) == 4
+        for a, b, c in zip(sent, got, expected):
+            assert torch.equal(a, b) and torch.equal(b, c)
+    relay0.remove()
+    relay1.remove()
+    assert "encode_prompt" not in pipes_two[0].__dict__
+    with pytest.raises(RuntimeError, match="text encoders were dropped by AsyncDiff\\(encoders='rank0'\\)"):
+        pipes_two[1].encode_prompt("again")
+
+
+def test_a_failing_rank0_encode_reaches_the_other_rank_by_name():
+    from asyncdiff import _core
+
+    pipes_two = [tiny.build_pipeline("sd15", seed=0), tiny.build_pipeline("sd15", seed=0)]
+    _relays(pipes_two)
+    with pytest.raises(AttributeError):
+        pipes_two[0].encode_prompt(None, "cpu", 1, True)  # no prompt and no embeddings
+    with pytest.raises(_core.AsyncDiffPeerError, match="rank 0 failed: AttributeError"):
+        pipes_two[1].encode_prompt("a red house", "cpu", 1, True)
+
+
+def test_encoders_option_is_validated_and_changes_nothing_in_one_process(pipes):
+    pipe = pipes("sd15")
+    with pytest.raises(ValueError, match="encoders: expected 'all' .* or 'rank0'"):
+        AsyncDiff(pipe, model_n=2, encoders="rank1")
+    ad = AsyncDiff(pipe, model_n=2, encoders="rank0")
+    try:
+        assert pipe.text_encoder is not None and "encode_prompt" not in pipe.__dict__
+    finally:
+        ad.remove()

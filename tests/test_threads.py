@@ -60,8 +60,9 @@ def test_ranks_run_in_their_own_threads(pipes):
     (["cpu"], ValueError, r"devices: 1 given, but model_n \+ stride - 1 = 2"),
     (["cpu", "cpu", "cpu"], ValueError, "devices: 3 given"),
     (["cpu", "cuda:0"], ValueError, "devices: mixed device types"),
-    (["cuda:0", "cuda:1"], ValueError, "devices: cuda:0: .*CPU only for now"),
+    (["cuda:98", "cuda:99"], ValueError, r"devices: 'cuda:98' does not exist \(\d+ CUDA device\(s\) visible\)"),
     (["cpu", "toaster"], ValueError, "devices: 'toaster' is not a device"),
+    (["meta", "meta"], ValueError, "devices: 'meta': only CPU and CUDA devices are supported"),
     ("cpu", ValueError, "devices: expected a list"),
     ([], TypeError, "devices: expected a non-empty list"),
 ])
@@ -104,3 +105,45 @@ def test_a_failing_component_fails_the_call_not_the_pipeline(pipes):
     finally:
         handle.remove()
         ad.remove()
+
+
+@pytest.mark.parametrize("arch, n, s", [("sd15", 2, 1), ("sd15", 3, 2), ("sdxl", 2, 1), ("sd3", 2, 1)])
+def test_per_device_copies_equal_emulation(pipes, monkeypatch, arch, n, s):
+    """The several-GPU path on the CPU: every rank but 0 runs its own copy of the
+    denoiser holding only the glue and its blocks (ASYNCDIFF_REPLICAS=1 makes the
+    copies on one device), inputs and published outputs go through the copies
+    between devices; the images are still the emulation's, bit for bit."""
+    from asyncdiff import shard
+
+    pipe = pipes(arch)
+    world = n + s - 1
+    torch.set_num_threads(max(1, cores() // world))
+    expected, emu = run(pipe, arch, model_n=n, stride=s, warm_up=1)
+    monkeypatch.setenv("ASYNCDIFF_REPLICAS", "1")
+    kw = dict(tiny.default_call_kwargs(arch), num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+    ad = AsyncDiff(pipe, model_n=n, stride=s, warm_up=1, devices=["cpu"] * world)
+    ran: dict = {}
+    try:
+        copies = ad._mode.replicas
+        assert sorted(copies) == list(range(1, world))
+        handles = []
+        for rank, copy in copies.items():
+            component = rank if rank < n else n - 1
+            mine = set(ad.split.components[component])
+            units = shard.tensor_units(ad.layout, ad.split.owner, copy)
+            real = {name for name, t in [*copy.named_parameters(), *copy.named_buffers()] if not t.is_meta}
+            assert real == {name for name, u in units.items() if u is None or u in mine}
+            unit = sorted(mine)[0]
+            handles.append(ad.layout.module(unit, copy).register_forward_pre_hook(
+                lambda *_, key=(rank, unit): ran.__setitem__(key, ran.get(key, 0) + 1)))
+        out = pipe(**kw)
+        got = out.images if hasattr(out, "images") else out.frames
+        for h in handles:
+            h.remove()
+    finally:
+        ad.remove()
+    assert torch.equal(got, expected)
+    assert ad.counts == emu.counts
+    for key, count in ran.items():  # each copy ran its block once per asynchronous call it computed
+        assert count == emu.counts[key] > 0, key
+    assert not ad._mode.replicas and not shard.meta_names(pipe.unet if hasattr(pipe, "unet") else pipe.transformer)
