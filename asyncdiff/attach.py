@@ -212,6 +212,30 @@ class AsyncDiff:
     def time_shift(self) -> bool:
         return self.config.time_shift
 
+    @property
+    def stats(self) -> dict:
+        """Where the denoiser calls' time went, per phase ("warm-up", "async"):
+        ``calls`` and milliseconds per call: ``compute`` (the forwards without
+        the warm-up's events; on a GPU the time to issue them), ``exchange``
+        (transport events, a sharded warm-up's included; on shared
+        memory split into ``publish``, copying in, and ``fetch``, waiting for
+        the owners and copying out), ``bookkeeping`` (hooks, schedule and
+        exchange plan outside the forwards and the events), and the bytes
+        sent and received per call.  The first call is left out."""
+        out = {}
+        for phase, c in self._loop.stats.items():
+            n = c["calls"]
+            relay, after = c.get("relay", 0.0), c.get("exchange", 0.0)  # events in / after the forwards
+            ms = {"compute": 1e3 * (c["compute"] - relay) / n}
+            if "relay" in c or "exchange" in c:
+                ms["exchange"] = 1e3 * (relay + after) / n
+            ms.update({key: 1e3 * c[key] / n for key in ("publish", "fetch") if key in c})
+            ms["bookkeeping"] = 1e3 * (c["begin"] + c["finish"] - after) / n
+            out[phase] = {"calls": n, "ms per call": ms,
+                          "bytes per call": {k: c[k] / n for k in ("bytes sent", "bytes received") if k in c},
+                          "events per call": c.get("events", 0) / n}
+        return out
+
     def reset_state(self, warm_up: int | None = None):
         """Start the next denoiser call as the first of a pipeline call.
 

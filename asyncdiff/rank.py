@@ -19,7 +19,9 @@ so the peers raise at once, and this instance refuses further calls
 from __future__ import annotations
 
 import json
+import time
 import zlib
+from collections import Counter
 
 import torch
 
@@ -66,6 +68,7 @@ class RankStep:
         self.synced_seq = -1  # the event that last delivered the owners' outputs
         self.calls = 0  # pipeline calls begun (alike on every rank)
         self.failed: str | None = None  # why an earlier call failed
+        self.took: Counter = Counter()  # this call's transport time and bytes (read by the Loop)
 
     def busy(self, flag: bool) -> None:
         """This rank is computing (peers wait for it however long it takes) or not
@@ -159,13 +162,25 @@ class RankStep:
         if out is not None:
             others = tuple(r for r in range(self.plan.world) if r != self.rank)
             tensors = [t.contiguous() for t in flatten(out)[1]]
-            self.transport.exchange(self.seq, [(others, off, t) for (off, _), t in zip(places, tensors)], [],
-                                    tag=self._tag)
+            self._move([(others, off, t) for (off, _), t in zip(places, tensors)], [], self._tag, "relay")
             return out
         spec, shapes = self._expected.outputs[unit]
         got = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in shapes]
-        self.transport.exchange(self.seq, [], [(owner, off, t) for (off, _), t in zip(places, got)], tag=self._tag)
+        self._move([], [(owner, off, t) for (off, _), t in zip(places, got)], self._tag, "relay")
         return unflatten(spec, got)
+
+    def _move(self, sends, recvs, tag, where="exchange"):
+        """One transport event, timed: ``took[where]`` gets the seconds in it
+        ("relay": during a warm-up forward; "exchange": after the forwards),
+        and, where the transport says, its publish and fetch halves and the bytes."""
+        t0 = time.perf_counter()
+        self.transport.exchange(self.seq, sends, recvs, tag=tag)
+        self.took[where] += time.perf_counter() - t0
+        for name, seconds in (getattr(self.transport, "last", None) or {}).items():
+            self.took[name] += seconds
+        self.took["bytes sent"] += sum(t.nbytes for _, _, t in sends)
+        self.took["bytes received"] += sum(t.nbytes for _, _, t in recvs)
+        self.took["events"] += 1
 
     def _exchange(self, plan, out, k: int):
         self.seq += 1
@@ -187,7 +202,7 @@ class RankStep:
             incoming.append((m.peers[0], m.offset, got))
         if plan.receive:
             self.synced_seq = self.seq
-        self.transport.exchange(self.seq, outgoing, incoming, tag=(self.calls << 32) | k)
+        self._move(outgoing, incoming, (self.calls << 32) | k)
         self.cache.update(fresh)
         return out
 

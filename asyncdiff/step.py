@@ -14,6 +14,8 @@ Nothing here knows a schedule rule: it reads ``_core.Schedule.plan``.
 from __future__ import annotations
 
 import inspect
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +150,8 @@ class Loop:
         self.mode = mode
         self.counts = counts  # collections.Counter of (rank, unit)
         self.call: Call | None = None
+        self.stats: dict = {}  # phase ("warm-up", "async") -> Counter of seconds (see _time)
+        self.prepared = False
 
     def reset(self):
         self.call = None
@@ -157,15 +161,34 @@ class Loop:
         mode = self.mode
         mode.busy(True)
         try:
+            t0 = time.perf_counter()
             call, k, runs = self._begin(forward, args, kwargs)
+            t1 = time.perf_counter()
             outs = mode.run(forward, runs, self.state)
-            return self._finish(call, k, [p for p, _, _ in runs], outs)
+            t2 = time.perf_counter()
+            out = self._finish(call, k, [p for p, _, _ in runs], outs)
+            self._time(runs, t0, t1, t2, time.perf_counter())
+            return out
         except BaseException as exc:
             mode.fail(exc)  # the other ranks learn it now, not after `timeout` (docs/design.md §8)
             self.call = None
             raise
         finally:
             mode.busy(False)
+
+    def _time(self, runs, t0, t1, t2, t3):
+        """Where a denoiser call's time went (``AsyncDiff.stats``): the forwards
+        (``compute``: on a GPU the time to issue them), the bookkeeping before
+        and after them, and what the mode reports in ``took`` (its transport
+        events).  The first call (it also resolves the split) is left out."""
+        if self.prepared:
+            phase = self.stats.setdefault("async" if any(p.count for p, _, _ in runs) else "warm-up", Counter())
+            phase.update(calls=1, begin=t1 - t0, compute=t2 - t1, finish=t3 - t2)
+            phase.update(getattr(self.mode, "took", None) or {})
+        self.prepared = True
+        took = getattr(self.mode, "took", None)
+        if took is not None:
+            took.clear()
 
     @torch.compiler.disable
     def _begin(self, forward, args, kwargs):

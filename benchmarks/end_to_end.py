@@ -143,7 +143,8 @@ def worker(args):
             spans.append((t0, time.perf_counter()))
     out = out.detach().float().cpu()
     result = {"spans": spans, "out": out.reshape(-1).tolist(), "shape": list(out.shape),
-              "split": str(ad.split) if ad is not None else None}
+              "split": str(ad.split) if ad is not None else None,
+              "rank": ad.rank if ad is not None else 0, "stats": ad.stats if ad is not None else {}}
     if ad is not None:
         ad.remove()
     _util.rank_result(result)
@@ -179,7 +180,8 @@ def run_config(model: str, mode: str, procs: int, threads: int, args) -> dict:
 
     outs = [torch.tensor(r["out"]) for r in results]
     agree = all(torch.equal(outs[0], o) for o in outs[1:])
-    return {"time": _util.summary(walls), "out": outs[0], "agree": agree, "split": results[0]["split"]}
+    return {"time": _util.summary(walls), "out": outs[0], "agree": agree, "split": results[0]["split"],
+            "stats": [(r["rank"], r["stats"]) for r in results]}
 
 
 def main(argv=None):
@@ -215,7 +217,7 @@ def main(argv=None):
             "ranks agree = every rank returned the same output",
         ],
     )
-    rows, skipped, splits_used = [], [], {}
+    rows, skipped, splits_used, breakdown = [], [], {}, []
     for model in models:
         why = available(model, args)
         if why:
@@ -241,11 +243,26 @@ def main(argv=None):
                 splits_used[model] = r["split"]
             rows.append([model, label, f"{procs}x{threads}", t["median"], t["min"], t["max"],
                          speed, rel, "yes" if r["agree"] else "NO"])
+            for rank, stats in r["stats"]:
+                for phase, st in stats.items():
+                    ms = st["ms per call"]
+                    breakdown.append([model, label, rank, phase, st["calls"], ms.get("compute"), ms.get("exchange"),
+                                      ms.get("publish"), ms.get("fetch"), 1e3 * ms["bookkeeping"],
+                                      st["bytes per call"].get("bytes received", 0) / 2**20,
+                                      st["events per call"]])
             print(f"  done: {model} {label} {procs}x{threads}: {t['median']:.3f} s", file=sys.stderr, flush=True)
     if rows:
         print(_util.table(["model", "config", "procs x threads", "median s", "min s", "max s",
                            "speed-up vs 1x1", "rel. diff", "ranks agree"], rows,
                           align="lllrrrrrl"))
+    if breakdown:
+        print("\nWhere a denoiser call's time goes (`AsyncDiff.stats`, every call but the first of each row's "
+              "processes; ms per call): compute = the forwards; exchange = transport events (publish: copying "
+              "in; fetch: waiting for the owners, then copying out); bookkeeping = hooks, schedule and exchange "
+              "plan outside both (us per call)\n")
+        print(_util.table(["model", "config", "rank", "phase", "calls", "compute ms", "exchange ms", "publish ms",
+                           "fetch ms", "bookkeeping us", "MiB received", "events"], breakdown,
+                          align="llrlrrrrrrrr"))
     for model, split in splits_used.items():
         print(f"\n{model} split: `{split}`")
     for note in skipped:

@@ -43,7 +43,7 @@ def run(config: dict, pipe, rank: int):
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
         real = sorted(n for n, t in [*denoiser.named_parameters(), *denoiser.named_buffers()] if not t.is_meta)
         result = {"latents": results, "counts": dict(ad.counts), "split": str(ad.split), "progress": progress,
-                  "real": real, "freed": ad.freed, "encoders": present,
+                  "real": real, "freed": ad.freed, "encoders": present, "stats": ad.stats,
                   "encoders_left": sorted(encoders.text_encoders(pipe))}
     finally:
         ad.remove()

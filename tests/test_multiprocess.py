@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from asyncdiff import AsyncDiff, shard
+from asyncdiff import AsyncDiff, _core, shard
 from asyncdiff.testing import ranks, tiny
 
 import mp
@@ -142,6 +142,22 @@ def test_processes_equal_emulation(pipes, tmp_path):
             # the weights this rank held: its own blocks and the glue, or everything
             assert set(got["real"]) == held_names(ad, rank, cfg["keep_weights"]), f"{cfg['id']} rank {rank}"
             assert (got["freed"] > 0) != cfg["keep_weights"]
+            # the step breakdown: one transport event per asynchronous call (stride 2: every other call);
+            # a sharded warm-up call (the second pipeline call's first) is one event per unit, plus the one
+            # that ends warm-up
+            stats = got["stats"]
+            assert ("async" in stats) == (cfg["warm_up"] < STEPS), (cfg["id"], stats)
+            if "async" in stats:
+                events = stats["async"]["events per call"]
+                assert (events == 1) if cfg["stride"] == 1 else (0 < events < 1), (cfg["id"], stats)
+                assert stats["async"]["bytes per call"]["bytes received"] > 0
+                assert 0 < stats["async"]["ms per call"]["bookkeeping"] < stats["async"]["ms per call"]["compute"]
+            if cfg["repeat"] == 2 and cfg["warm_up"] == 1:
+                ends = int(_core.Schedule(cfg["model_n"], cfg["stride"], 1, 0, STEPS).plan(rank, 0).exchange)
+                relays = 0 if cfg["keep_weights"] else len(ad.split.owner)
+                assert stats["warm-up"]["events per call"] == relays + ends, (cfg["id"], stats)
+            for phase in stats.values():
+                assert all(v >= 0 for v in phase["ms per call"].values()), (cfg["id"], stats)
             # encoders="rank0": the other ranks received the embeddings and dropped their text encoders
             rank0 = cfg["encoders"] == "rank0"
             assert got["encoders_left"] == ([] if rank0 and rank else got["encoders"]), cfg["id"]

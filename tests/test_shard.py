@@ -194,3 +194,20 @@ def test_encoders_option_is_validated_and_changes_nothing_in_one_process(pipes):
         assert pipe.text_encoder is not None and "encode_prompt" not in pipe.__dict__
     finally:
         ad.remove()
+
+
+def test_stats_say_where_the_calls_time_went(pipes):
+    """In one process: the forwards, the bookkeeping around them, no transport."""
+    pipe = pipes("sd15")
+    ad = AsyncDiff(pipe, model_n=2, warm_up=2)
+    try:
+        kw = tiny.default_call_kwargs("sd15")
+        kw["num_inference_steps"] = 5
+        pipe(**kw)
+        stats = ad.stats
+    finally:
+        ad.remove()
+    assert stats["warm-up"]["calls"] == 1 and stats["async"]["calls"] == 3  # the first call is left out
+    ms = stats["async"]["ms per call"]
+    assert ms["compute"] > 0 and 0 < ms["bookkeeping"] and "exchange" not in ms
+    assert stats["async"]["events per call"] == 0

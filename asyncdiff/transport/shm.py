@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import weakref
 
 import torch
@@ -102,6 +103,7 @@ class ShmTransport:
         if rank == 0:
             _core.shm_unlink(name)  # from now on nothing is left in /dev/shm, whatever happens
         self._pinned: _PinnedPool | None = None  # made on the first CUDA tensor
+        self.last: dict = {}  # seconds in the last exchange's halves (AsyncDiff.stats)
         self._finalizer = weakref.finalize(self, _core.ShmTransport.detach, self._handle, False)
 
     def busy(self, flag: bool) -> None:
@@ -137,6 +139,7 @@ class ShmTransport:
         before the publish (waited for), host-to-device copies after the
         fetch (queued on the current stream, waited for at the next event
         before their buffers are reused)."""
+        t0 = time.perf_counter()
         if self._pinned is not None:
             self._pinned.settle()
         items, downloads = [], set()
@@ -151,6 +154,7 @@ class ShmTransport:
         for dev in downloads:
             torch.cuda.current_stream(dev).synchronize()
         self._handle.publish(seq, items, self.timeout, tag=tag)
+        t1 = time.perf_counter()
         by_src: dict[int, list] = {}
         uploads = []
         for src, off, t in recvs:
@@ -164,6 +168,9 @@ class ShmTransport:
         for src in sorted(by_src):
             self._handle.fetch(seq, src, by_src[src], self.timeout, tag=tag)
         self._handle.ack(seq)
+        # publish: copying in (and waiting for the readers of two events ago); fetch: waiting for the
+        # owners, then copying out
+        self.last = {"publish": t1 - t0, "fetch": time.perf_counter() - t1}
         if uploads:
             for t, buf in uploads:
                 u8(t).copy_(buf, non_blocking=True)
