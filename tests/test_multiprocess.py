@@ -47,7 +47,8 @@ def configs_for(world: int) -> list[dict]:
     out = []
     for n, stride in SHAPES[world]:
         index = all_shapes.index((n, stride))
-        runs = [(arch, "paper") for arch in SD_ARCHS]
+        # SD3 at the stride-1 shapes only: 2, 3 and 4 ranks holding their blocks
+        runs = [(arch, "paper") for arch in SD_ARCHS if arch != "sd3" or stride == 1]
         runs.append((SD_ARCHS[index % len(SD_ARCHS)], "auto"))
         if (n, stride) == (2, 1):
             runs.append(("sd15", "time"))  # measured on rank 0, the same split on every rank
@@ -61,7 +62,7 @@ def configs_for(world: int) -> list[dict]:
             if split == "all-warm-up":
                 split, warm = None, STEPS
             out.append(dict(id=f"{arch}-n{n}s{stride}-{split}-w{warm}", world=world, arch=arch, model_n=n,
-                            stride=stride, after_remove=warm == STEPS or arch in KEEP_WEIGHTS,
+                            stride=stride, after_remove=warm == STEPS or (arch in KEEP_WEIGHTS and world == 2),
                             warm_up=warm, time_shift=time_shift, split=split, steps=STEPS,
                             repeat=2 if arch == "sd15" else 1, timeout=120.0, keep_weights=arch in KEEP_WEIGHTS,
                             encoders="rank0" if arch in RANK0_ENCODERS and split is not None else "all",
