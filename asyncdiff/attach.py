@@ -284,8 +284,11 @@ class AsyncDiff:
         weights go to the meta device, its own blocks to ``device`` (None:
         where they are; docs/design.md §6.5)."""
         if self.sharded:
-            held = shard.held_units(self.split.components, self._component())
-            self.freed += shard.place(self.denoiser, self.layout, self.split.owner, held, device)
+            self.freed += shard.place(self.denoiser, self.layout, self.split.owner, self._held(), device)
+
+    def _held(self, rank: int | None = None) -> frozenset:
+        """The units a rank keeps: those of the component it computes after warm-up."""
+        return shard.held_units(self.split.components, self._component(rank))
 
     def _prepare(self, forward, bound):
         """At the first denoiser call: the automatic split (it needs the real
@@ -334,8 +337,7 @@ class AsyncDiff:
             torch.cuda.set_device(device)
             placers = None
             if self.sharded:  # only the glue and this rank's blocks (all blocks: at the first call)
-                held = None if self.split is None else \
-                    shard.held_units(self.split.components, self._component(board.rank))
+                held = None if self.split is None else self._held(board.rank)
                 units = self.layout.top if self.split is None else self.split.owner
                 placers = {self.denoiser: lambda d: shard.place(self.denoiser, self.layout, units, held, d)}
             self._changes.move(device, placers)

@@ -56,20 +56,12 @@ def _to(obj, device: torch.device):
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(_to(o, device) for o in obj)
     if isinstance(obj, dict):
-        spec, tensors = flatten(obj) if _plain(obj) else (None, None)
-        if spec is None:
+        try:
+            spec, tensors = flatten(obj)  # diffusers outputs are dicts with their own constructor
+        except TypeError:  # something flatten does not know: a plain dict is followed, the rest kept
             return {k: _to(v, device) for k, v in obj.items()} if type(obj) is dict else obj
         return unflatten(spec, [_to(t, device) for t in tensors])
     return obj
-
-
-def _plain(obj) -> bool:
-    """Whether ``flatten`` can take ``obj`` apart (tensors, sequences, dicts, constants)."""
-    try:
-        flatten(obj)
-        return True
-    except TypeError:
-        return False
 
 
 class Threads(Emulation):
