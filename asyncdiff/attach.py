@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 from diffusers.utils.torch_utils import unwrap_module
 
-from . import _core, arch, encoders, hooks, launch, shard, splits
+from . import _core, arch, cfg, encoders, hooks, launch, shard, splits
 from .config import AsyncDiffConfig
 from .emulate import Emulation
 from .threads import Threads
@@ -111,18 +111,25 @@ class AsyncDiff:
         receive its embeddings and free their text encoders (the outputs do
         not change; ranks other than 0 must reload the pipeline after
         ``remove()``).  No effect in one process.
+    cfg_parallel: split the classifier-free-guidance batch in its two halves
+        (unconditional, conditional), each on its own group of
+        ``model_n + stride - 1`` ranks running the asynchronous schedule;
+        the halves are joined after every denoiser call, so a launch has
+        ``2 * (model_n + stride - 1)`` ranks.  In emulation the two groups
+        are played in turn.  Every call must use guidance (a batch of two
+        halves); Flux (distilled guidance) is refused.
     """
 
     def __init__(self, pipeline, model_n: int = 2, stride: int = 1, warm_up: int = 1,
                  time_shift: bool = False, *, split=None, transport: str = "auto", timeout: float = 300.0,
-                 devices=None, keep_weights: bool = False, encoders: str = "all"):
+                 devices=None, keep_weights: bool = False, encoders: str = "all", cfg_parallel: bool = False):
         # Under torchrun the ranks meet before anything is checked, so that an
         # error on one rank (a bad argument included) reaches the others at
         # once instead of leaving them waiting (docs/design.md §8).
         board = launch.board_if_launched(transport, timeout)
         try:
             self._attach(pipeline, AsyncDiffConfig(model_n, stride, warm_up, time_shift, split, transport, timeout,
-                                                   devices, keep_weights, encoders), board)
+                                                   devices, keep_weights, encoders, cfg_parallel), board)
         except BaseException as exc:
             if board is not None:
                 board.fail(exc)
@@ -138,6 +145,8 @@ class AsyncDiff:
             raise RuntimeError("pipeline: AsyncDiff is already attached to this pipeline's denoiser; call "
                                "remove() on that AsyncDiff first (e.g. `ad.remove()` before re-running the cell)")
         shard.check_real(denoiser)
+        if config.cfg_parallel:
+            cfg.refuse(denoiser)
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.layout = arch.describe(denoiser)
@@ -161,19 +170,34 @@ class AsyncDiff:
         if rank is not None and self.config.devices is not None:
             raise ValueError("devices: under torchrun each process drives one device (cuda:LOCAL_RANK); "
                              "drop devices=, or run without torchrun to drive them all from one process")
+        group = self.config.group_size
+        self._base = 0  # cfg_parallel: the first rank of this process's group
         if self.config.devices is not None:
-            self._mode = Threads(self.config.world_size, {}, self.config.devices)
+            self._mode = Threads(group, {}, self.config.devices)
             first = torch.device(self.config.devices[0])
             if first.type != "cpu" and launch.device_of(denoiser) != first:
                 self._changes.move(first)  # rank 0 runs the pipeline's own denoiser there
         elif rank is None:
-            self._mode = Emulation(self.config.world_size, {})
+            self._mode = Emulation(group, {})
         else:
             from .transport import join
 
             self._mode = self._open_rank(board if board is not None else join(self.config.timeout))
-        self._loop = Loop(self.config, pipeline, denoiser, self._state, self._prepare, self._mode, self.counts)
-        self._hook(denoiser, hooks.DenoiserHook(self._loop), hooks.DENOISER_HOOK)
+        # the groups this process plays (docs/design.md §6.7): its own, or with cfg_parallel in one
+        # process both, the second with a mode of its own sharing the first's split
+        self._modes = [self._mode]
+        if self.config.cfg_parallel and rank is None:
+            self._modes.append(Emulation(group, self._mode.units_of))
+        first = self._base // group
+        loops = [(first + i, Loop(self.config, pipeline, denoiser, self._state, self._prepare, mode, self.counts,
+                                  rank_base=self._base + i * group))
+                 for i, mode in enumerate(self._modes)]
+        self._loop = loops[0][1]
+        self._loops = [loop for _, loop in loops]
+        body = self._loop
+        if self.config.cfg_parallel:
+            body = cfg.Halves(loops, pipeline, self._loop.signature, next(iter(self._loop.signature.parameters)))
+        self._hook(denoiser, hooks.DenoiserHook(body), hooks.DENOISER_HOOK)
         if self.split is not None:
             self._hook_blocks()
             self._shard()
@@ -184,7 +208,7 @@ class AsyncDiff:
     # ---------------------------------------------------------------- public
     @property
     def rank(self) -> int:
-        return self._mode.rank
+        return self._base + self._mode.rank
 
     @property
     def world_size(self) -> int:
@@ -221,15 +245,18 @@ class AsyncDiff:
         memory split into ``publish``, copying in, and ``fetch``, waiting for
         the owners and copying out), ``bookkeeping`` (hooks, schedule and
         exchange plan outside the forwards and the events), and the bytes
-        sent and received per call.  The first call is left out."""
+        sent and received per call; with ``cfg_parallel`` ``join`` is the
+        part of ``exchange`` spent swapping halves with the twin.  The first
+        call is left out."""
         out = {}
         for phase, c in self._loop.stats.items():
             n = c["calls"]
-            relay, after = c.get("relay", 0.0), c.get("exchange", 0.0)  # events in / after the forwards
+            relay = c.get("relay", 0.0)  # events during the forwards, and after them
+            after = c.get("exchange", 0.0) + c.get("join", 0.0)
             ms = {"compute": 1e3 * (c["compute"] - relay) / n}
-            if "relay" in c or "exchange" in c:
+            if "relay" in c or "exchange" in c or "join" in c:
                 ms["exchange"] = 1e3 * (relay + after) / n
-            ms.update({key: 1e3 * c[key] / n for key in ("publish", "fetch") if key in c})
+            ms.update({key: 1e3 * c[key] / n for key in ("join", "publish", "fetch") if key in c})
             ms["bookkeeping"] = 1e3 * (c["begin"] + c["finish"] - after) / n
             out[phase] = {"calls": n, "ms per call": ms,
                           "bytes per call": {k: c[k] / n for k in ("bytes sent", "bytes received") if k in c},
@@ -242,8 +269,11 @@ class AsyncDiff:
         Never required (state resets by itself at each pipeline call); kept
         for scripts written for the original code."""
         if warm_up is not None:
-            self._loop.config = dataclasses.replace(self._loop.config, warm_up=warm_up)  # validated again
-        self._loop.reset()
+            config = dataclasses.replace(self._loop.config, warm_up=warm_up)  # validated again
+            for loop in self._loops:
+                loop.config = config
+        for loop in self._loops:
+            loop.reset()
 
     def remove(self):
         """Detach: the pipeline behaves exactly as before AsyncDiff was attached.
@@ -254,7 +284,8 @@ class AsyncDiff:
         for module, name, created in reversed(self._hooked):
             hooks.unregister(module, name, created)
         self._hooked.clear()
-        self._mode.close(failed=False)
+        for mode in self._modes:
+            mode.close(failed=False)
         if self._prompts is not None:
             self._prompts.remove()
         self._changes.undo()
@@ -277,7 +308,7 @@ class AsyncDiff:
         """The component this process (rank ``rank``) computes after warm-up."""
         c = self.config
         schedule = _core.Schedule(c.model_n, c.stride, c.warm_up, int(c.time_shift), 1)
-        return schedule.component_of(self.rank if rank is None else rank)
+        return schedule.component_of((self.rank if rank is None else rank) % c.group_size)
 
     def _shard(self, device=None):
         """A sharded rank, once the split is known: the other components'
@@ -316,7 +347,7 @@ class AsyncDiff:
         launch rank 0 measures and the others take its figures, so every rank
         derives the same split (docs/design.md §2)."""
         board = getattr(self._mode, "board", None)
-        if board is not None and self._mode.rank != 0:
+        if board is not None and board.rank != 0:
             costs = json.loads(board.get("split-time"))
             return costs["order"], costs["costs"]
         order, costs = splits.count_times(self.layout, self.denoiser, bound.args, bound.kwargs, forward=forward,
@@ -344,6 +375,10 @@ class AsyncDiff:
         facts = {**self.config.summary(), "denoiser": f"{type(self.denoiser).__name__}/{self.layout.family}/"
                                                       f"{len(self.layout.fine_units())} units"}
         rank = board.rank
+        group = None
+        if self.config.cfg_parallel:
+            group = (rank // self.config.group_size, self.config.group_size)
+            self._base = group[0] * group[1]
         try:
             link = transport.open_transport(self.config.transport, board, device=device, facts=facts)
         except BaseException:
@@ -352,4 +387,4 @@ class AsyncDiff:
         if rank != 0:
             self._changes.quiet()
         log.info("rank %d of %d: %s transport, denoiser on %s", rank, self.config.world_size, link.kind, device)
-        return RankStep(rank, {}, link, board, device=device)
+        return RankStep(rank - self._base, {}, link, board, device=device, group=group)

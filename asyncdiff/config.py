@@ -129,6 +129,10 @@ class AsyncDiffConfig:
     encoders: "all" (every rank runs the text encoders) or "rank0" (under a
         launch only rank 0 does; the others receive the embeddings and free
         their text encoders; docs/design.md §6.6).
+    cfg_parallel: split the classifier-free-guidance batch: two groups of
+        ``group_size`` ranks, one per half, each running the schedule on its
+        half; the halves are joined after every denoiser call
+        (docs/design.md §6.7).
     """
 
     model_n: int = 2
@@ -141,6 +145,7 @@ class AsyncDiffConfig:
     devices: tuple | None = None
     keep_weights: bool = False
     encoders: str = "all"
+    cfg_parallel: bool = False
 
     def __post_init__(self):
         check_int("model_n", self.model_n)
@@ -152,6 +157,12 @@ class AsyncDiffConfig:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {', '.join(map(repr, TRANSPORTS))}, got {self.transport!r}")
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
+        if not isinstance(self.cfg_parallel, bool):
+            raise TypeError(f"cfg_parallel: expected a bool, got {type(self.cfg_parallel).__name__}")
+        if self.cfg_parallel and self.devices is not None:
+            raise ValueError("cfg_parallel: not available with devices= (one process); launch "
+                             f"2 * (model_n + stride - 1) = {self.world_size} ranks with torchrun, or drop one "
+                             "of the two")
         object.__setattr__(self, "devices", _normalise_devices(self.devices, self.world_size))
         if not isinstance(self.keep_weights, bool):
             raise TypeError(f"keep_weights: expected a bool, got {type(self.keep_weights).__name__}")
@@ -167,9 +178,19 @@ class AsyncDiffConfig:
                                  "a launch with one process per rank")
 
     @property
-    def world_size(self) -> int:
-        """Ranks a multi-process run needs (model_n + stride - 1; the C schedule says)."""
+    def group_size(self) -> int:
+        """Ranks one schedule runs on (model_n + stride - 1; the C schedule says)."""
         return _core.Schedule(self.model_n, self.stride, self.warm_up, int(self.time_shift), 1).world_size
+
+    @property
+    def world_size(self) -> int:
+        """Ranks a multi-process run needs: one group, or two with ``cfg_parallel``."""
+        return self.group_size * (2 if self.cfg_parallel else 1)
+
+    def ranks_needed(self) -> str:
+        """How ``world_size`` comes about, for messages."""
+        inner = "model_n + stride - 1"
+        return f"2 * ({inner})" if self.cfg_parallel else inner
 
     def summary(self) -> dict:
         """What every rank must agree on, as plain JSON-able values."""
@@ -177,7 +198,7 @@ class AsyncDiffConfig:
             [p if isinstance(p, str) else list(p) for p in self.split]
         return {"model_n": self.model_n, "stride": self.stride, "warm_up": self.warm_up,
                 "time_shift": self.time_shift, "split": split, "transport": self.transport,
-                "keep_weights": self.keep_weights, "encoders": self.encoders}
+                "keep_weights": self.keep_weights, "encoders": self.encoders, "cfg_parallel": self.cfg_parallel}
 
 
 _TRUE = ("1", "true", "t", "yes", "y", "on")
@@ -231,6 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, warm_up: int = 1) -> argpa
                    help="keep the whole denoiser on every rank (default: each rank keeps its own blocks)")
     a.add_argument("--encoders", choices=("all", "rank0"), default="all",
                    help="rank0: only rank 0 runs the text encoders, the others receive the embeddings")
+    a.add_argument("--cfg_parallel", type=str2bool, default=False, metavar="BOOL",
+                   help="the two halves of the classifier-free-guidance batch on two groups of ranks "
+                        "(2 * (model_n + stride - 1) ranks)")
     return parser
 
 
@@ -243,7 +267,8 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Asyn
     try:
         config = AsyncDiffConfig(model_n=args.model_n, stride=args.stride, warm_up=args.warm_up,
                                  time_shift=args.time_shift, split=args.split, transport=args.transport,
-                                 timeout=args.timeout, keep_weights=args.keep_weights, encoders=args.encoders)
+                                 timeout=args.timeout, keep_weights=args.keep_weights, encoders=args.encoders,
+                                 cfg_parallel=getattr(args, "cfg_parallel", False))
         launch.rank_if_launched(config)  # a launch of the wrong size, before any model is loaded
         return config
     except (TypeError, ValueError) as exc:

@@ -117,7 +117,7 @@ class ExchangePlan:
         except Exception as exc:  # noqa: BLE001 - any model the trace cannot run
             warnings.warn(f"AsyncDiff: could not trace {type(denoiser).__name__} ({exc!r}); "
                           "every rank receives every output it does not own", RuntimeWarning, stacklevel=2)
-            return cls.everything(split, config.world_size, config.model_n)
+            return cls.everything(split, config.group_size, config.model_n)
         return cls.from_reads(schedule, split, layout.final, p.inputs_of)
 
     def event(self, rank: int, plan, slots: Slots) -> tuple[list[Move], list[Move]]:

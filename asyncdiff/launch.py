@@ -210,7 +210,7 @@ def rank_if_launched(config) -> int | None:
     if rv.world_size != config.world_size:
         raise ValueError(
             f"world size: torchrun started {rv.world_size} processes but this configuration needs "
-            f"model_n + stride - 1 = {config.world_size}; launch with --nproc_per_node={config.world_size}"
+            f"{config.ranks_needed()} = {config.world_size}; launch with --nproc_per_node={config.world_size}"
         )
     return rv.rank
 

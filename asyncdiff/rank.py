@@ -50,8 +50,14 @@ def call_record(call, number: int, config) -> dict:
 class RankStep:
     run = staticmethod(run_in_turn)  # the forwards of a call, one after another
 
-    def __init__(self, rank: int, units_of: dict, transport, board=None, device=None):
-        self.rank = rank
+    def __init__(self, rank: int, units_of: dict, transport, board=None, device=None, group=None):
+        self.rank = rank  # in its group (the schedule's rank)
+        # cfg_parallel (docs/design.md §6.7): (this rank's group, the number of ranks in a group);
+        # the transport's ranks are group * size + rank, each group writes its own copy of the slots,
+        # and after every call this rank swaps its half of the output with its twin, the rank of the
+        # same place in the other group
+        self.group = group
+        self.base = group[0] * group[1] if group is not None else 0
         self.device = device if device is not None else torch.device("cpu")
         # sharded (docs/design.md §6.5): expect(bound) -> the probe of these
         # inputs (every unit's output shapes), set once the split is known;
@@ -137,7 +143,28 @@ class RankStep:
                 self.cache.update(stored)
         if plan.exchange:
             out = self._exchange(plan, out, k)
+        if self.group is not None:
+            out = self._join(out, k)
         return out
+
+    def _join(self, out, k: int):
+        """cfg_parallel: swap halves of the denoiser output with the twin; the
+        whole batch, unconditional half first, on both."""
+        group, size = self.group
+        twin = (1 - group) * size + self.rank
+        spec, tensors = flatten(out)
+        mine = tensors[0].contiguous()
+        if self.slots is None:  # warm-up calls before the first that stores
+            self._lay_out_shapes({}, (mine.shape, mine.dtype))
+        (off, _), = self.slots.of[RESULT]
+        theirs = torch.empty_like(mine, memory_format=torch.contiguous_format)
+        synced = self.synced_seq == self.seq
+        self.seq += 1
+        self._move([((twin,), off, mine)], [(twin, off, theirs)], (self.calls << 32) | k, "join", shift=False)
+        if synced:  # this event delivers nothing the schedule waits for
+            self.synced_seq = self.seq
+        halves = (mine, theirs) if group == 0 else (theirs, mine)
+        return unflatten(spec, [torch.cat(halves), *tensors[1:]])
 
     def _lay_out(self, out):
         """Slots for this call's shapes (collective: the transport may grow)."""
@@ -148,7 +175,7 @@ class RankStep:
     def _lay_out_shapes(self, shapes: dict, result: tuple):
         slots = Slots(shapes, result)
         if self.slots is None or slots.key != self.slots.key:
-            self.transport.reserve(slots.nbytes)
+            self.transport.reserve(slots.nbytes * (1 if self.group is None else 2))  # cfg_parallel: one per group
             self.slots = slots
 
     @torch.compiler.disable
@@ -169,10 +196,21 @@ class RankStep:
         self._move([], [(owner, off, t) for (off, _), t in zip(places, got)], self._tag, "relay")
         return unflatten(spec, got)
 
-    def _move(self, sends, recvs, tag, where="exchange"):
+    def _move(self, sends, recvs, tag, where="exchange", shift=True):
         """One transport event, timed: ``took[where]`` gets the seconds in it
-        ("relay": during a warm-up forward; "exchange": after the forwards),
-        and, where the transport says, its publish and fetch halves and the bytes."""
+        ("relay": during a warm-up forward; "exchange": after the forwards;
+        "join": cfg_parallel's swap of halves), and, where the transport says,
+        its publish and fetch halves and the bytes.  ``shift``: the peers are
+        ranks of this group (the transport's are numbered across groups)."""
+        if self.group is not None:
+            # both groups use the same slot layout: each writes in a copy of its own, the
+            # group's index times the layout's size on (shared memory has one buffer for all)
+            size, span = self.group[1], self.slots.nbytes
+            if shift:
+                sends = [(tuple(self.base + r for r in dsts), off, t) for dsts, off, t in sends]
+                recvs = [(self.base + src, off, t) for src, off, t in recvs]
+            sends = [(dsts, self.group[0] * span + off, t) for dsts, off, t in sends]
+            recvs = [(src, src // size * span + off, t) for src, off, t in recvs]
         t0 = time.perf_counter()
         self.transport.exchange(self.seq, sends, recvs, tag=tag)
         self.took[where] += time.perf_counter() - t0

@@ -141,7 +141,7 @@ class Loop:
     frame is skipped, and the bookkeeping before and after the forwards
     (``_begin``, ``_finish``) is never traced."""
 
-    def __init__(self, config, pipeline, denoiser, state, prepare, mode, counts):
+    def __init__(self, config, pipeline, denoiser, state, prepare, mode, counts, rank_base: int = 0):
         self.config = config
         self.pipeline = pipeline
         self.signature, self.t_name = timestep_name(denoiser)
@@ -149,6 +149,7 @@ class Loop:
         self.prepare = prepare
         self.mode = mode
         self.counts = counts  # collections.Counter of (rank, unit)
+        self.rank_base = rank_base  # cfg_parallel: the mode's ranks are rank_base + its own numbers
         self.call: Call | None = None
         self.stats: dict = {}  # phase ("warm-up", "async") -> Counter of seconds (see _time)
         self.prepared = False
@@ -217,7 +218,7 @@ class Loop:
         for p in passes:
             if p.count:
                 for unit in p.ran:
-                    self.counts[(p.rank, unit)] += 1
+                    self.counts[(self.rank_base + p.rank, unit)] += 1
         out = self.mode.finish(call, k, passes, outs)
         call.k += 1
         call.bound = None

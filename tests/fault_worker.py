@@ -123,6 +123,11 @@ def main():
             attempt(name, lambda: AsyncDiff(PIPE, model_n=2, warm_up=1 + RANK))
         elif name == "time_shift-differs":
             attempt(name, lambda: AsyncDiff(PIPE, model_n=2, time_shift=bool(RANK)))
+        elif name == "cfg-guidance-differs":  # rank 1's call has no batch of two halves to split
+            def run():
+                kwargs = {**tiny.default_call_kwargs("sd15"), "num_inference_steps": 3}
+                return PIPE(**{**kwargs, **({"guidance_scale": 1.0} if RANK == 1 else {})})
+            attempt(name, lambda: AsyncDiff(PIPE, model_n=1, split="auto", cfg_parallel=True), run=run)
         elif name == "steps-differ":
             attempt(name, lambda: AsyncDiff(PIPE, model_n=2), run=lambda: call(3 if RANK == 0 else 5))
         elif name == "exception-in-block":

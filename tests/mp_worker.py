@@ -28,12 +28,13 @@ def run(config: dict, pipe, rank: int):
     kwargs = tiny.default_call_kwargs(config["arch"])
     kwargs["num_inference_steps"] = config.get("steps", kwargs.get("num_inference_steps", 6))
     kwargs.pop("generator")
+    kwargs.update(config.get("call", {}))
     pipe.set_progress_bar_config(disable=False)  # as a user has it; AsyncDiff keeps rank 0's alone
     present = sorted(encoders.text_encoders(pipe))
     ad = AsyncDiff(pipe, model_n=config["model_n"], stride=config["stride"], warm_up=config["warm_up"],
                    time_shift=config.get("time_shift", False), split=config.get("split"),
                    timeout=config.get("timeout", 60.0), keep_weights=config.get("keep_weights", False),
-                   encoders=config.get("encoders", "all"))
+                   encoders=config.get("encoders", "all"), cfg_parallel=config.get("cfg_parallel", False))
     try:
         results = []
         for _ in range(config.get("repeat", 1)):

@@ -21,7 +21,7 @@ from test_multiprocess import shm_left
 
 WORKER = mp.HERE / "fault_worker.py"
 SHORT = 3.0  # the timeout the worker uses for the silence scenarios
-SURVIVED = ["timeout-1e12-on-rank-0", "warm_up-differs", "time_shift-differs", "steps-differ",
+SURVIVED = ["timeout-1e12-on-rank-0", "warm_up-differs", "time_shift-differs", "steps-differ", "cfg-guidance-differs",
             "exception-in-block", "never-calls", "soak", "sigstop"]
 if not torch.cuda.is_available():  # NCCL is then unusable on rank 0 at once
     SURVIVED.insert(1, "nccl-on-rank-0")
@@ -75,6 +75,12 @@ def test_faults_a_rank_survives(tmp_path):
         for rec in (zero, one):
             assert rec["error"] == "ValueError" and rec["message"].startswith(text), (name, rec)
         figure(name, abs(one["t_error"] - zero["t_error"]), "both ranks raise ValueError, apart by")
+
+    zero, one = r["cfg-guidance-differs"]
+    assert one["error"] == "ValueError" and "cfg_parallel: " in one["message"], one
+    assert zero["error"] == "AsyncDiffPeerError" and zero["rank_attr"] == 1, zero
+    assert "no classifier-free guidance" in zero["message"], zero
+    figure("cfg: no guidance on rank 1", zero["t_error"] - one["t_error"], "rank 0 raises AsyncDiffPeerError after")
 
     zero, one = r["exception-in-block"]
     fault = read("exception-fault", 0)["t_fault"]
