@@ -11,7 +11,13 @@ Rows, all measured in one run, each configuration in fresh processes:
 * AsyncDiff with every step a warm-up step (``warm_up = steps``) over the M
   rank processes: with each rank holding only its own blocks, each step is a
   pipeline through the owners, i.e. one sequential step plus the copies (its
-  time against the 1x1 row is the cost of warm-up with sharding).
+  time against the 1x1 row is the cost of warm-up with sharding);
+* CFG parallel alone: ``model_n=1, cfg_parallel=True`` over 2 rank
+  processes x 1 thread, each the whole UNet on its half of the guidance
+  batch, the halves swapped after every step;
+* (only when named in ``--rows``) ``asyncdiff-cfg``: ``model_n=N,
+  cfg_parallel=True`` over 2 M rank processes x 1 thread (on a machine with
+  fewer than 2 M cores it measures oversubscription, not the method).
 
 Models:
 
@@ -57,7 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--warm-up", type=int, default=1, help="AsyncDiff warm_up (the paper's speed-ups use 1)")
     ap.add_argument("--split", default=None, help="AsyncDiff split (default: paper preset, else auto)")
     ap.add_argument("--rows", default=None,
-                    help="comma list of rows besides plain 1x1: plain, asyncdiff, threads, warm-up (default: all)")
+                    help="comma list of rows besides plain 1x1: plain, asyncdiff, threads, warm-up, cfg, "
+                         "asyncdiff-cfg (default: all but asyncdiff-cfg)")
     ap.add_argument("--repeat", type=int, default=3, help="timed pipeline calls per configuration (median)")
     ap.add_argument("--warmup-calls", type=int, default=1, help="untimed pipeline calls before timing")
     ap.add_argument("--seed", type=int, default=0)
@@ -120,14 +127,17 @@ def worker(args):
     torch.manual_seed(args.seed)
     pipe, call = build(job["model"], args)
     ad, barrier = None, (lambda: None)
-    if job["mode"] in ("asyncdiff", "threads", "warm-up"):
+    if job["mode"] in ("asyncdiff", "threads", "warm-up", "cfg", "asyncdiff-cfg"):
         from asyncdiff import AsyncDiff
 
         world = args.model_n + args.stride - 1
         # "warm-up": every call a warm-up call, i.e. (sharded) a pipeline through the owners
         warm_up = args.steps if job["mode"] == "warm-up" else args.warm_up
-        ad = AsyncDiff(pipe, model_n=args.model_n, stride=args.stride, warm_up=warm_up, split=args.split,
-                       timeout=args.timeout, devices=["cpu"] * world if job["mode"] == "threads" else None)
+        # "cfg": CFG parallelism alone, one component per guidance half
+        n, stride = (1, 1) if job["mode"] == "cfg" else (args.model_n, args.stride)
+        ad = AsyncDiff(pipe, model_n=n, stride=stride, warm_up=warm_up, split=None if n == 1 else args.split,
+                       timeout=args.timeout, devices=["cpu"] * world if job["mode"] == "threads" else None,
+                       cfg_parallel=job["mode"] in ("cfg", "asyncdiff-cfg"))
         # every rank enters each timed call together (the transport's barrier, when it has one)
         link = getattr(getattr(ad, "_mode", None), "transport", None)
         barrier = getattr(link, "barrier", None) or barrier
@@ -173,7 +183,7 @@ def run_config(model: str, mode: str, procs: int, threads: int, args) -> dict:
     job = json.dumps({"model": model, "mode": mode, "threads": threads})
     argv = [a for a in sys.argv[1:]]
     results = _util.launch(Path(__file__).resolve(), argv + ["--job", job], world=procs, threads=threads,
-                           silence=args.timeout, torchrun_env=(mode in ("asyncdiff", "warm-up")))
+                           silence=args.timeout, torchrun_env=mode in ("asyncdiff", "warm-up", "cfg", "asyncdiff-cfg"))
     walls = [max(r["spans"][i][1] for r in results) - min(r["spans"][i][0] for r in results)
              for i in range(args.repeat)]
     import torch
@@ -195,11 +205,11 @@ def main(argv=None):
         if m not in ("sd15", "digits"):
             raise SystemExit(f"--models: unknown model {m!r} (expected sd15, digits)")
     configs = [("plain", 1, 1), ("plain", 1, world), ("asyncdiff", world, 1), ("threads", 1, world),
-               ("warm-up", world, 1)]
+               ("warm-up", world, 1), ("cfg", 2, 1), ("asyncdiff-cfg", 2 * world, 1)]
     configs = list(dict.fromkeys(configs))  # world 1: the first two are the same
-    if args.rows:
-        wanted = {r.strip() for r in args.rows.split(",")}
-        configs = [c for c in configs if c[0] in wanted or (c[0] == "plain" and c[2] == 1)]
+    wanted = {r.strip() for r in args.rows.split(",")} if args.rows else None
+    configs = [c for c in configs
+               if (c[0] == "plain" and c[2] == 1) or (c[0] in wanted if wanted else c[0] != "asyncdiff-cfg")]
     _util.preamble(
         "End-to-end pipeline wall time: plain vs AsyncDiff",
         threads="per row (procs x threads)",
@@ -226,7 +236,9 @@ def main(argv=None):
         base = None
         for mode, procs, threads in configs:
             label = {"asyncdiff": "AsyncDiff", "threads": f"AsyncDiff in-process, {world} threads",
-                     "warm-up": "AsyncDiff, every step a warm-up step (sharded: through the owners)"}.get(mode, "plain")
+                     "warm-up": "AsyncDiff, every step a warm-up step (sharded: through the owners)",
+                     "cfg": "CFG parallel alone (model_n=1, cfg_parallel)",
+                     "asyncdiff-cfg": "AsyncDiff + CFG parallel"}.get(mode, "plain")
             try:
                 r = run_config(model, mode, procs, threads, args)
             except _util.LaunchError as exc:
@@ -247,7 +259,7 @@ def main(argv=None):
                 for phase, st in stats.items():
                     ms = st["ms per call"]
                     breakdown.append([model, label, rank, phase, st["calls"], ms.get("compute"), ms.get("exchange"),
-                                      ms.get("publish"), ms.get("fetch"), 1e3 * ms["bookkeeping"],
+                                      ms.get("join"), ms.get("publish"), ms.get("fetch"), 1e3 * ms["bookkeeping"],
                                       st["bytes per call"].get("bytes received", 0) / 2**20,
                                       st["events per call"]])
             print(f"  done: {model} {label} {procs}x{threads}: {t['median']:.3f} s", file=sys.stderr, flush=True)
@@ -258,11 +270,12 @@ def main(argv=None):
     if breakdown:
         print("\nWhere a denoiser call's time goes (`AsyncDiff.stats`, every call but the first of each row's "
               "processes; ms per call): compute = the forwards; exchange = transport events (publish: copying "
-              "in; fetch: waiting for the owners, then copying out); bookkeeping = hooks, schedule and exchange "
-              "plan outside both (us per call)\n")
-        print(_util.table(["model", "config", "rank", "phase", "calls", "compute ms", "exchange ms", "publish ms",
-                           "fetch ms", "bookkeeping us", "MiB received", "events"], breakdown,
-                          align="llrlrrrrrrrr"))
+              "in; fetch: waiting for the owners, then copying out; join: the part of exchange swapping CFG "
+              "halves with the twin rank); bookkeeping = hooks, schedule and exchange plan outside both "
+              "(us per call)\n")
+        print(_util.table(["model", "config", "rank", "phase", "calls", "compute ms", "exchange ms", "join ms",
+                           "publish ms", "fetch ms", "bookkeeping us", "MiB received", "events"], breakdown,
+                          align="llrlrrrrrrrrr"))
     for model, split in splits_used.items():
         print(f"\n{model} split: `{split}`")
     for note in skipped:

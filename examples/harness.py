@@ -287,7 +287,7 @@ def run(pipe, kwargs: dict, args, *, fps: int = 8) -> Path | None:
     other ranks)."""
     c = args.asyncdiff
     ad = AsyncDiff(pipe, c.model_n, c.stride, c.warm_up, c.time_shift, split=c.split, transport=c.transport,
-                   timeout=c.timeout, keep_weights=c.keep_weights, encoders=c.encoders)
+                   timeout=c.timeout, keep_weights=c.keep_weights, encoders=c.encoders, cfg_parallel=c.cfg_parallel)
     dev = device()
     try:
         for _ in range(args.prerun):

@@ -184,6 +184,14 @@ def test_time_shift_reaches_asyncdiff(tmp_path, capsys, attached):
     assert len(timing_lines(capsys.readouterr().out)) == 2
 
 
+def test_cfg_parallel_reaches_asyncdiff(tmp_path, capsys, attached):
+    sd = example("sd")
+    path = sd.main([*SMALL, "--steps", "3", "--cfg_parallel", "true", "--output_type", "latent",
+                    "--out", str(tmp_path / "cfg")])
+    assert [ad.config.cfg_parallel for ad in attached] == [True] and attached[0].world_size == 4
+    assert torch.load(path).shape == (1, 4, 16, 16)
+
+
 def test_seed_and_split_flags(tmp_path, capsys):
     sd = example("sd")
     run = lambda name, *extra: torch.load(sd.main([*SMALL, "--output_type", "latent",

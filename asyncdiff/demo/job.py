@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     # 2. the same call with AsyncDiff attached
     c = args.asyncdiff
     ad = AsyncDiff(job.pipe, c.model_n, c.stride, c.warm_up, c.time_shift, split=c.split, transport=c.transport,
-                   timeout=c.timeout, keep_weights=c.keep_weights, encoders=c.encoders)
+                   timeout=c.timeout, keep_weights=c.keep_weights, encoders=c.encoders, cfg_parallel=c.cfg_parallel)
     try:
         async_images, async_s = _timed(job, device)
         split = str(ad.split)
