@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
+import math
 from collections import Counter
 
 import torch
@@ -337,24 +337,27 @@ class AsyncDiff:
         if self._mode.kind not in ("emulate", "threads"):
             self._mode.plan = ExchangePlan.trace(self.config, self.layout, self.split, self.denoiser,
                                                  bound.args, bound.kwargs, forward=forward)
-            if self.sharded:
+            if self.sharded and self.config.group_size > 1:  # (one rank per group holds every block)
                 layout, denoiser = self.layout, self.denoiser
                 self._mode.expect = lambda b: probe(layout, denoiser, b.args, b.kwargs, forward)
 
     def _measured_costs(self, forward, bound):
         """``split="time"``: every fine unit timed on this device for these
         inputs (threads: each worker's share in the threads mode).  Under a
-        launch rank 0 measures and the others take its figures, so every rank
-        derives the same split (docs/design.md §2)."""
-        board = getattr(self._mode, "board", None)
-        if board is not None and board.rank != 0:
-            costs = json.loads(board.get("split-time"))
-            return costs["order"], costs["costs"]
+        launch every rank measures at the same time, on its own device and
+        with its peers busy as they will be, and each unit's cost is the mean
+        over the ranks, from the same gathered figures on every rank, so
+        every rank derives the same split (docs/design.md §2)."""
         order, costs = splits.count_times(self.layout, self.denoiser, bound.args, bound.kwargs, forward=forward,
                                           threads=getattr(self._mode, "intra_op", None))
-        if board is not None:
-            board.set("split-time", json.dumps({"order": list(order), "costs": list(costs)}))
-        return order, costs
+        board = getattr(self._mode, "board", None)
+        if board is None:
+            return order, costs
+        every = launch.gather(board, "split-time", {"order": list(order), "costs": list(costs)})
+        if any(e["order"] != every[0]["order"] for e in every):
+            raise RuntimeError("split: the ranks' denoisers ran their units in different orders; every rank "
+                               "must run the same model")
+        return every[0]["order"], [math.fsum(e["costs"][i] for e in every) / len(every) for i in range(len(order))]
 
     def _open_rank(self, board):
         """This process is rank ``board.rank``: its device, the transport, one progress bar."""
@@ -370,6 +373,8 @@ class AsyncDiff:
             if self.sharded:  # only the glue and this rank's blocks (all blocks: at the first call)
                 held = None if self.split is None else self._held(board.rank)
                 units = self.layout.top if self.split is None else self.split.owner
+                if self.split is None and self.config.split == "time":
+                    held = frozenset(units)  # timed on this device at the first call, then sharded
                 placers = {self.denoiser: lambda d: shard.place(self.denoiser, self.layout, units, held, d)}
             self._changes.move(device, placers)
         facts = {**self.config.summary(), "denoiser": f"{type(self.denoiser).__name__}/{self.layout.family}/"

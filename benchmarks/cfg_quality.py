@@ -72,7 +72,7 @@ def main(argv=None):
             options = dict(model_n=n, stride=stride, cfg_parallel=cfg, split="auto" if n == 1 else None)
             rel = [float((run(pipe, arch, s, **options) - seq[s]).norm() / seq[s].norm()) for s in range(args.seeds)]
             devices = (n + stride - 1) * (2 if cfg else 1)
-            rows.append([arch, label, devices, statistics.mean(rel), " ".join(f"{r:.4f}" for r in rel)])
+            rows.append([arch, label, devices, f"{statistics.mean(rel):.4f}", " ".join(f"{r:.4f}" for r in rel)])
             print(f"  done: {arch} {label}", file=sys.stderr, flush=True)
         for images in (1, 4):
             same = torch.equal(run(pipe, arch, 0, images, model_n=2), run(pipe, arch, 0, images, model_n=2,
