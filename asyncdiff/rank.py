@@ -70,6 +70,7 @@ class RankStep:
         self.plan: ExchangePlan | None = None
         self.cache: dict = {}  # unit -> (spec, tensors): what this rank replays
         self.slots: Slots | None = None
+        self._events: dict = {}  # (publish, receive, result rank) -> the event's moves, for these slots
         self.seq = 0  # transport events so far (alike on every rank)
         self.synced_seq = -1  # the event that last delivered the owners' outputs
         self.calls = 0  # pipeline calls begun (alike on every rank)
@@ -177,6 +178,7 @@ class RankStep:
         if self.slots is None or slots.key != self.slots.key:
             self.transport.reserve(slots.nbytes * (1 if self.group is None else 2))  # cfg_parallel: one per group
             self.slots = slots
+            self._events = {}
 
     @torch.compiler.disable
     def _relay(self, unit: str, out):
@@ -224,7 +226,11 @@ class RankStep:
         self.seq += 1
         spec, tensors = flatten(out)
         result = tensors[0].contiguous()
-        sends, recvs = self.plan.event(self.rank, plan, self.slots)
+        key = (plan.publish, plan.receive, plan.result_rank)
+        moves = self._events.get(key)
+        if moves is None:  # the same few kinds of event all along a call: worked out once each
+            moves = self._events[key] = self.plan.event(self.rank, plan, self.slots)
+        sends, recvs = moves
         fresh: dict = {}
         outgoing = [(m.peers, m.offset, result if m.unit == RESULT else self.cache[m.unit][1][m.index])
                     for m in sends]
