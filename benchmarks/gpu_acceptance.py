@@ -16,9 +16,11 @@ send/receive), nccl-timeout (a world-2 communicator with rank 0 alone raises
 after its timeout and returns from the abort), nccl-inflight (a failed
 exchange keeps its tensors until the abort), timing (per-component GPU times
 of SD 1.5 and SDXL, fp16, random weights, implied N=2/4 speed-up:
-benchmarks/gpu.py), nccl-2gpu, e2e-2gpu and devices-2gpu (two GPUs: the
-speed-up over NCCL processes, and in one process with one thread per device
-vs one host thread).
+benchmarks/gpu.py), nccl-2gpu, cfg-shm (cfg_parallel, model_n=2: four
+processes sharing cuda:0 over shared memory equal the emulation), cfg-2gpu
+(cfg_parallel alone, model_n=1, over NCCL on two GPUs), e2e-2gpu and
+devices-2gpu (two GPUs: the speed-up over NCCL processes, and in one process
+with one thread per device vs one host thread).
 
 Without a GPU each line that needs one says SKIP and why, after going as far
 as a CPU allows: the loader names the real libraries, the NCCL lines call them
@@ -147,14 +149,15 @@ def emulation(args):
     return ("PASS" if same else "FAIL"), result
 
 
-def _compare_ranks(args, world: int, configs: list) -> tuple:
-    """Launch tests/test_gpu.py's rank worker and compare with the emulation on cuda:0."""
+def _compare_ranks(args, world: int, configs: list, **emulated) -> tuple:
+    """Launch tests/test_gpu.py's rank worker and compare with the emulation on cuda:0
+    (``emulated``: its AsyncDiff options, the workers' defaults if none)."""
     import mp
     import torch
     from test_gpu import _emulate
 
     exact_math()
-    expected = _emulate(_pipeline("cuda:0"), "sd15")
+    expected = _emulate(_pipeline("cuda:0"), "sd15", **emulated)
     with tempfile.TemporaryDirectory(prefix="asyncdiff-accept-") as out:
         results = mp.launch(world, configs, Path(out), script=ROOT / "tests" / "test_gpu.py", silence=300.0)
         bad = [f"rank {r}: exit {code}: {log[-800:]}" for r, (code, log) in enumerate(results) if code != 0]
@@ -353,6 +356,26 @@ def nccl_two_gpus(args):
     if why:
         return "SKIP", why
     return _compare_ranks(args, 2, [dict(id="nccl", transport="nccl", device="local")])
+
+
+@check("cfg-shm")
+def cfg_shm(args):
+    why = no_gpu()
+    if why:
+        return "SKIP", why
+    # the CFG halves on two groups of 2 ranks (model_n=2, cfg_parallel), four processes sharing one GPU
+    return _compare_ranks(args, 4, [dict(id="cfg", transport="shm", device="cuda:0", model_n=2, cfg_parallel=True)],
+                          model_n=2, cfg_parallel=True)
+
+
+@check("cfg-2gpu")
+def cfg_two_gpus(args):
+    why = no_gpu(2)
+    if why:
+        return "SKIP", why
+    # CFG parallelism alone (model_n=1, cfg_parallel) over NCCL, one GPU per half
+    return _compare_ranks(args, 2, [dict(id="cfg", transport="nccl", device="local", model_n=1, cfg_parallel=True)],
+                          model_n=1, cfg_parallel=True)
 
 
 @check("e2e-2gpu")

@@ -269,7 +269,7 @@ def test_gpu_status_names_the_real_libraries():
 # ------------------------------------------- benchmarks/gpu_acceptance.py
 
 NEEDS_GPU = ("loader", "shm-2proc", "multi-device", "nccl-self", "nccl-timeout", "nccl-inflight", "timing",
-             "nccl-2gpu", "e2e-2gpu", "devices-2gpu")
+             "nccl-2gpu", "cfg-shm", "cfg-2gpu", "e2e-2gpu", "devices-2gpu")
 
 
 def test_gpu_acceptance_script_on_cpu():

@@ -77,8 +77,9 @@ def _run(pipe, arch: str, steps: int = STEPS, seed: int = 0):
     return out.images if hasattr(out, "images") else out.frames
 
 
-def _emulate(pipe, arch, model_n=2, stride=1, warm_up=1):
-    ad = AsyncDiff(pipe, model_n=model_n, stride=stride, warm_up=warm_up, transport="emulate")
+def _emulate(pipe, arch, model_n=2, stride=1, warm_up=1, cfg_parallel=False):
+    ad = AsyncDiff(pipe, model_n=model_n, stride=stride, warm_up=warm_up, transport="emulate",
+                   cfg_parallel=cfg_parallel)
     try:
         return _run(pipe, arch).float().cpu()
     finally:
@@ -242,6 +243,29 @@ def test_two_gpus_over_nccl(tmp_path, exact_math):
             assert got_r["real_devices"] == [f"cuda:{r}"] and got_r["meta"] > 0, (cfg["id"], got_r)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_cfg_parallel_processes_over_shm(tmp_path, exact_math, world):
+    # the CFG halves on two groups of model_n = world / 2 ranks, all sharing one GPU over shared memory
+    n = world // 2
+    configs = [dict(id="cfg", transport="shm", device="cuda:0", model_n=n, cfg_parallel=True)]
+    got = _launch(world, configs, tmp_path)
+    expected = _emulate(tiny.build_pipeline("sd15", seed=0).to("cuda:0"), "sd15", model_n=n, cfg_parallel=True)
+    for r in range(world):
+        assert got[r]["cfg"]["mode"] == "shm"
+        assert torch.equal(got[r]["cfg"]["latents"], got[0]["cfg"]["latents"])
+    torch.testing.assert_close(got[0]["cfg"]["latents"], expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_two_gpus
+@needs_nccl
+def test_cfg_parallel_two_gpus_over_nccl(tmp_path, exact_math):
+    got = _launch(2, [dict(id="cfg", transport="nccl", device="local", model_n=1, cfg_parallel=True)], tmp_path)
+    expected = _emulate(tiny.build_pipeline("sd15", seed=0).to("cuda:0"), "sd15", model_n=1, cfg_parallel=True)
+    assert got[0]["cfg"]["mode"] == got[1]["cfg"]["mode"] == "nccl"
+    assert torch.equal(got[0]["cfg"]["latents"], got[1]["cfg"]["latents"])
+    torch.testing.assert_close(got[0]["cfg"]["latents"], expected, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------- several GPUs in one process
 
 @pytest.mark.parametrize("devices, copies", [
@@ -279,7 +303,8 @@ def _worker(cfg_file: str, outdir: str):
     for cfg in json.load(open(cfg_file)):
         device = f"cuda:{os.environ['LOCAL_RANK']}" if cfg["device"] == "local" else cfg["device"]
         pipe = tiny.build_pipeline("sd15", seed=0).to(device)
-        ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, transport=cfg["transport"], timeout=120.0)
+        ad = AsyncDiff(pipe, model_n=cfg.get("model_n", 2), stride=1, warm_up=1, transport=cfg["transport"],
+                       timeout=120.0, cfg_parallel=cfg.get("cfg_parallel", False))
         try:
             latents = _run(pipe, "sd15").float().cpu()
             tensors = [*pipe.unet.parameters(), *pipe.unet.buffers()]
