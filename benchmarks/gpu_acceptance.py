@@ -358,24 +358,26 @@ def nccl_two_gpus(args):
     return _compare_ranks(args, 2, [dict(id="nccl", transport="nccl", device="local")])
 
 
-@check("cfg-shm")
-def cfg_shm(args):
-    why = no_gpu()
+def _cfg_ranks(args, gpus: int, world: int, transport: str, device: str) -> tuple:
+    """cfg_parallel over ``world`` rank processes (two groups of ``world / 2``) against the emulation."""
+    why = no_gpu(gpus)
     if why:
         return "SKIP", why
-    # the CFG halves on two groups of 2 ranks (model_n=2, cfg_parallel), four processes sharing one GPU
-    return _compare_ranks(args, 4, [dict(id="cfg", transport="shm", device="cuda:0", model_n=2, cfg_parallel=True)],
-                          model_n=2, cfg_parallel=True)
+    n = world // 2
+    return _compare_ranks(args, world, [dict(id="cfg", transport=transport, device=device, model_n=n,
+                                             cfg_parallel=True)], model_n=n, cfg_parallel=True)
+
+
+@check("cfg-shm")
+def cfg_shm(args):
+    # the CFG halves on two groups of 2 ranks (model_n=2), four processes sharing cuda:0
+    return _cfg_ranks(args, 1, 4, "shm", "cuda:0")
 
 
 @check("cfg-2gpu")
 def cfg_two_gpus(args):
-    why = no_gpu(2)
-    if why:
-        return "SKIP", why
-    # CFG parallelism alone (model_n=1, cfg_parallel) over NCCL, one GPU per half
-    return _compare_ranks(args, 2, [dict(id="cfg", transport="nccl", device="local", model_n=1, cfg_parallel=True)],
-                          model_n=1, cfg_parallel=True)
+    # CFG parallelism alone (model_n=1) over NCCL, one GPU per half
+    return _cfg_ranks(args, 2, 2, "nccl", "local")
 
 
 @check("e2e-2gpu")
