@@ -20,7 +20,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from asyncdiff import AsyncDiff, encoders, transport  # noqa: E402
+from asyncdiff import AsyncDiff, encoders, shard, transport  # noqa: E402
 from asyncdiff.testing import tiny  # noqa: E402
 
 
@@ -88,7 +88,9 @@ def main():
                 dist.init_process_group("gloo")
         arch = cfg["arch"]
         start = time.perf_counter()
-        if arch not in pipes or not cfg.get("keep_weights", False):
+        held = pipes.get(arch)
+        if held is None or not cfg.get("keep_weights", False) or \
+                shard.meta_names(getattr(held, "unet", None) or held.transformer):
             # a sharded pipeline keeps only this rank's blocks: the next configuration needs a new one
             pipes[arch] = tiny.build_pipeline(arch, seed=0)
         result = run(cfg, pipes[arch], rank)
