@@ -172,8 +172,12 @@ class AsyncDiff:
                              "drop devices=, or run without torchrun to drive them all from one process")
         group = self.config.group_size
         self._base = 0  # cfg_parallel: the first rank of this process's group
-        if self.config.devices is not None:
-            self._mode = Threads(group, {}, self.config.devices)
+        devices = self.config.devices
+        if devices is not None:
+            # with cfg_parallel the first group has the first half of the devices, and the CPU ranks of
+            # both groups share the cores
+            sharing = sum(torch.device(d).type == "cpu" for d in devices) if self.config.cfg_parallel else None
+            self._mode = Threads(group, {}, devices[:group], sharing=sharing)
             first = torch.device(self.config.devices[0])
             if first.type != "cpu" and launch.device_of(denoiser) != first:
                 self._changes.move(first)  # rank 0 runs the pipeline's own denoiser there
@@ -187,7 +191,8 @@ class AsyncDiff:
         # process both, the second with a mode of its own sharing the first's split
         self._modes = [self._mode]
         if self.config.cfg_parallel and rank is None:
-            self._modes.append(Emulation(group, self._mode.units_of))
+            self._modes.append(Emulation(group, self._mode.units_of) if devices is None else
+                               Threads(group, self._mode.units_of, devices[group:], home=devices[0], sharing=sharing))
         first = self._base // group
         loops = [(first + i, Loop(self.config, pipeline, denoiser, self._state, self._prepare, mode, self.counts,
                                   rank_base=self._base + i * group))
@@ -196,7 +201,8 @@ class AsyncDiff:
         self._loops = [loop for _, loop in loops]
         body = self._loop
         if self.config.cfg_parallel:
-            body = cfg.Halves(loops, pipeline, self._loop.signature, next(iter(self._loop.signature.parameters)))
+            body = cfg.Halves(loops, pipeline, self._loop.signature, next(iter(self._loop.signature.parameters)),
+                              together=devices is not None)
         self._hook(denoiser, hooks.DenoiserHook(body), hooks.DENOISER_HOOK)
         if self.split is not None:
             self._hook_blocks()
@@ -301,8 +307,9 @@ class AsyncDiff:
         self._mode.units_of.update(units_of)
         for unit in self.split.owner:
             self._hook(self.layout.module(unit, self.denoiser), hooks.BlockHook(unit, self._state), hooks.BLOCK_HOOK)
-        if isinstance(self._mode, Threads):  # the other devices' copies of their components
-            self._mode.attach_split(self.denoiser, self.layout, self.split, self._state, self._component)
+        for mode in self._modes:  # the other devices' copies of their components
+            if isinstance(mode, Threads):
+                mode.attach_split(self.denoiser, self.layout, self.split, self._state, self._component)
 
     def _component(self, rank: int | None = None) -> int:
         """The component this process (rank ``rank``) computes after warm-up."""

@@ -19,6 +19,8 @@ emulation; a rank's loop has joined with its twin already, ``RankStep``).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .outputs import flatten, unflatten
@@ -58,10 +60,10 @@ def _cut(value, batch: int, lo: int, hi: int):
 
 def _join(outs: list):
     """The denoiser outputs of the halves, in group order, as one output:
-    every tensor concatenated along the batch."""
+    every tensor concatenated along the batch, on the first half's device."""
     spec, first = flatten(outs[0])
     rest = [flatten(o)[1] for o in outs[1:]]
-    return unflatten(spec, [torch.cat([t, *(r[i] for r in rest)]) for i, t in enumerate(first)])
+    return unflatten(spec, [torch.cat([t, *(r[i].to(t.device) for r in rest)]) for i, t in enumerate(first)])
 
 
 class Halves:
@@ -72,8 +74,9 @@ class Halves:
     ``do_classifier_free_guidance``, so a call without guidance fails with
     the reason instead of running on a batch that is not two halves."""
 
-    def __init__(self, loops: list, pipeline, signature, first: str):
+    def __init__(self, loops: list, pipeline, signature, first: str, together: bool = False):
         self.loops = loops
+        self.together = together  # devices= in one process: both groups' forwards at the same time
         self.pipeline = pipeline
         self.signature = signature
         self.first = first
@@ -105,15 +108,41 @@ class Halves:
         try:
             batch = self._check(self.signature.bind(*args, **kwargs))
             half = batch // GROUPS
-            outs = []
-            for group, loop in self.loops:
+            cuts = []
+            for group, _ in self.loops:
                 cut = self.signature.bind(*args, **kwargs)
                 for name, value in cut.arguments.items():
                     cut.arguments[name] = _cut(value, batch, group * half, (group + 1) * half)
-                outs.append(loop(forward, cut.args, cut.kwargs))
+                cuts.append((cut.args, cut.kwargs))
+            if self.together:
+                outs = self._together(forward, cuts)
+            else:
+                outs = [loop(forward, a, kw) for (_, loop), (a, kw) in zip(self.loops, cuts)]
         except BaseException as exc:
             for _, loop in self.loops:  # the other ranks learn it at once (docs/design.md §8); the next
                 loop.mode.fail(exc)     # pipeline call starts afresh in every group
                 loop.reset()
             raise
         return outs[0] if len(outs) == 1 else _join(outs)
+
+    def _together(self, forward, cuts) -> list:
+        """Both groups' passes of this call in one round of worker threads
+        (``threads.run_all``), then each loop finishes its own call."""
+        from .threads import run_all
+
+        staged = []
+        for (_, loop), (a, kw) in zip(self.loops, cuts):
+            t0 = time.perf_counter()
+            call, k, runs = loop._begin(forward, a, kw)
+            staged.append((loop, call, k, runs, t0, time.perf_counter()))
+        t1 = time.perf_counter()
+        outs = run_all([(loop.mode, run) for loop, _, _, runs, _, _ in staged for run in runs], forward,
+                       self.loops[0][1].state)
+        computed = time.perf_counter() - t1
+        results, at = [], 0
+        for loop, call, k, runs, t0, begun in staged:
+            t2 = time.perf_counter()
+            results.append(loop._finish(call, k, [p for p, _, _ in runs], outs[at:at + len(runs)]))
+            at += len(runs)
+            loop._time(runs, t0, begun, begun + computed, begun + computed + time.perf_counter() - t2)
+        return results

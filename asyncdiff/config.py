@@ -80,7 +80,7 @@ def _normalise_devices(devices, world: int):
                              f"got {devices!r}")
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if visible < world:
-            raise ValueError(f"devices='auto': {visible} GPU(s) visible, model_n + stride - 1 = {world} needed; "
+            raise ValueError(f"devices='auto': {visible} GPU(s) visible, {world} needed (one per rank); "
                              f"give the devices, e.g. devices={['cpu'] * world!r}")
         return tuple(f"cuda:{i}" for i in range(world))
     if not isinstance(devices, (list, tuple)) or not devices:
@@ -159,10 +159,6 @@ class AsyncDiffConfig:
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
         if not isinstance(self.cfg_parallel, bool):
             raise TypeError(f"cfg_parallel: expected a bool, got {type(self.cfg_parallel).__name__}")
-        if self.cfg_parallel and self.devices is not None:
-            raise ValueError("cfg_parallel: not available with devices= (one process); launch "
-                             f"2 * (model_n + stride - 1) = {self.world_size} ranks with torchrun, or drop one "
-                             "of the two")
         object.__setattr__(self, "devices", _normalise_devices(self.devices, self.world_size))
         if not isinstance(self.keep_weights, bool):
             raise TypeError(f"keep_weights: expected a bool, got {type(self.keep_weights).__name__}")
@@ -171,8 +167,8 @@ class AsyncDiffConfig:
                              f"encodes, the others receive the embeddings), got {self.encoders!r}")
         if self.devices is not None:
             if len(self.devices) != self.world_size:
-                raise ValueError(f"devices: {len(self.devices)} given, but model_n + stride - 1 = {self.world_size} "
-                                 "components need one each")
+                raise ValueError(f"devices: {len(self.devices)} given, but {self.ranks_needed()} = {self.world_size} "
+                                 "ranks need one each")
             if self.transport not in ("auto", "emulate"):
                 raise ValueError(f"devices: one process drives every device; transport={self.transport!r} is for "
                                  "a launch with one process per rank")

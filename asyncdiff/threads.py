@@ -67,9 +67,15 @@ def _to(obj, device: torch.device):
 class Threads(Emulation):
     kind = "threads"
 
-    def __init__(self, world: int, units_of: dict, devices: tuple, replicate: bool | None = None):
+    def __init__(self, world: int, units_of: dict, devices: tuple, replicate: bool | None = None, *,
+                 home=None, sharing: int | None = None):
         super().__init__(world, units_of)
         self.devices = tuple(torch.device(d) for d in devices)
+        # cfg_parallel (docs/design.md §6.7): the second group's mode has devices of its own; its rank 0
+        # runs the warm-up whole, so it gets a whole replica unless its device is ``home``, the one the
+        # pipeline's denoiser is on.  ``sharing``: CPU ranks of every group (they split the cores)
+        self.second = home is not None
+        self.home = self.devices[0] if home is None else torch.device(home)
         # one replica per rank whose device differs from rank 0's; ASYNCDIFF_REPLICAS=1 makes
         # them on one device too (the tests check the replica path on the CPU that way)
         if replicate is None:
@@ -81,17 +87,18 @@ class Threads(Emulation):
         self.replicas: dict = {}  # rank -> its denoiser (glue + its blocks), rank 0 excluded
         self._hooked: list = []  # (module, hook name, registry made for it) on the replicas
         self.views: dict = {}  # device -> {unit: (spec, tensors on that device)}
-        cpu_ranks = sum(d.type == "cpu" for d in self.devices)
+        cpu_ranks = sum(d.type == "cpu" for d in self.devices) if sharing is None else sharing
         self.intra_op = max(1, cores() // max(1, cpu_ranks))
-        self._pool = ThreadPoolExecutor(max_workers=world, thread_name_prefix="asyncdiff")
+        self._pool = ThreadPoolExecutor(max_workers=max(world, sharing or 0), thread_name_prefix="asyncdiff")
 
     # ---------------------------------------------------------- replicas
     def attach_split(self, denoiser, layout, split, state, component_of) -> None:
         """Once the split is known: a replica for every rank but 0 (when replicating)."""
-        if not self.replicate:
-            return
-        for rank in range(1, self.world):
-            held = shard.held_units(split.components, component_of(rank))
+        ranks = list(range(1, self.world)) if self.replicate else []
+        if self.second and (self.replicate or self.devices[0] != self.home):
+            ranks.insert(0, 0)  # the second group's rank 0 runs the warm-up whole: a replica of every unit
+        for rank in ranks:
+            held = frozenset(split.owner) if rank == 0 else shard.held_units(split.components, component_of(rank))
             copy = shard.replica(denoiser, layout, split.owner, held, self.devices[rank])
             for unit in split.owner:
                 module = layout.module(unit, copy)
@@ -123,11 +130,14 @@ class Threads(Emulation):
     def run(self, forward, runs: list, state) -> list:
         if len(runs) == 1 and runs[0][0].rank not in self.replicas:
             return run_in_turn(forward, runs, state)  # a warm-up call, or rank 0 alone: nothing to overlap
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        return run_all([(self, run) for run in runs], forward, state)
 
+    def worker(self, forward, state, grad: bool, inference: bool):
+        """What one worker thread does with a (pass, args, kwargs) of this mode."""
         def one(p, a, kw):
             device = self.devices[p.rank]
-            copy = self.replicas.get(p.rank)
+            # (a second group whose ranks share one device all run its rank 0's whole replica)
+            copy = self.replicas.get(p.rank, self.replicas.get(0))
             fn = copy.forward if copy is not None else forward
             if copy is not None:
                 a, kw = _to(a, device), _to(kw, device)
@@ -137,22 +147,7 @@ class Threads(Emulation):
                     with torch.cuda.device(device):
                         return run_in_turn(fn, [(p, a, kw)], state)[0]
                 return run_in_turn(fn, [(p, a, kw)], state)[0]
-
-        if self.one_host_thread:
-            return [one(*run) for run in runs]
-        # torch's intra-op thread count is one setting for the whole process:
-        # the workers' share while they run, the caller's again afterwards
-        saved = torch.get_num_threads()
-        torch.set_num_threads(self.intra_op)
-        try:
-            futures = [self._pool.submit(one, *run) for run in runs]
-            errors = [f.exception() for f in futures]  # waits for every worker
-        finally:
-            torch.set_num_threads(saved)
-        for error in errors:
-            if error is not None:
-                raise error
-        return [f.result() for f in futures]
+        return one
 
     def fail(self, exc: BaseException) -> None:
         super().fail(exc)
@@ -165,3 +160,28 @@ class Threads(Emulation):
         self._hooked.clear()
         self.replicas, self.views = {}, {}
         self._pool.shutdown(wait=True)
+
+
+def run_all(jobs: list, forward, state) -> list:
+    """Run every (mode, (pass, args, kwargs)) of ``jobs`` at the same time, one
+    worker thread each, on the first mode's pool and with its intra-op thread
+    count (cfg_parallel hands both groups' forwards here at once); the
+    outputs in order.  A worker that raises makes this raise once all are done."""
+    first = jobs[0][0]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    work = [(mode.worker(forward, state, grad, inference), run) for mode, run in jobs]
+    if first.one_host_thread:
+        return [one(*run) for one, run in work]
+    # torch's intra-op thread count is one setting for the whole process:
+    # the workers' share while they run, the caller's again afterwards
+    saved = torch.get_num_threads()
+    torch.set_num_threads(first.intra_op)
+    try:
+        futures = [first._pool.submit(one, *run) for one, run in work]
+        errors = [f.exception() for f in futures]  # waits for every worker
+    finally:
+        torch.set_num_threads(saved)
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]

@@ -15,6 +15,8 @@ Rows, all measured in one run, each configuration in fresh processes:
 * CFG parallel alone: ``model_n=1, cfg_parallel=True`` over 2 rank
   processes x 1 thread, each the whole UNet on its half of the guidance
   batch, the halves swapped after every step;
+* CFG parallel alone in one process: ``model_n=1, cfg_parallel=True,
+  devices=["cpu", "cpu"]``, one worker thread per half;
 * (only when named in ``--rows``) ``asyncdiff-cfg``: ``model_n=N,
   cfg_parallel=True`` over 2 M rank processes x 1 thread (on a machine with
   fewer than 2 M cores it measures oversubscription, not the method).
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--warm-up", type=int, default=1, help="AsyncDiff warm_up (the paper's speed-ups use 1)")
     ap.add_argument("--split", default=None, help="AsyncDiff split (default: paper preset, else auto)")
     ap.add_argument("--rows", default=None,
-                    help="comma list of rows besides plain 1x1: plain, asyncdiff, threads, warm-up, cfg, "
+                    help="comma list of rows besides plain 1x1: plain, asyncdiff, threads, warm-up, cfg, cfg-threads, "
                          "asyncdiff-cfg (default: all but asyncdiff-cfg)")
     ap.add_argument("--repeat", type=int, default=3, help="timed pipeline calls per configuration (median)")
     ap.add_argument("--warmup-calls", type=int, default=1, help="untimed pipeline calls before timing")
@@ -127,17 +129,18 @@ def worker(args):
     torch.manual_seed(args.seed)
     pipe, call = build(job["model"], args)
     ad, barrier = None, (lambda: None)
-    if job["mode"] in ("asyncdiff", "threads", "warm-up", "cfg", "asyncdiff-cfg"):
+    if job["mode"] in ("asyncdiff", "threads", "warm-up", "cfg", "cfg-threads", "asyncdiff-cfg"):
         from asyncdiff import AsyncDiff
 
         world = args.model_n + args.stride - 1
         # "warm-up": every call a warm-up call, i.e. (sharded) a pipeline through the owners
         warm_up = args.steps if job["mode"] == "warm-up" else args.warm_up
         # "cfg": CFG parallelism alone, one component per guidance half
-        n, stride = (1, 1) if job["mode"] == "cfg" else (args.model_n, args.stride)
+        n, stride = (1, 1) if job["mode"] in ("cfg", "cfg-threads") else (args.model_n, args.stride)
+        devices = {"threads": ["cpu"] * world, "cfg-threads": ["cpu"] * 2}.get(job["mode"])
         ad = AsyncDiff(pipe, model_n=n, stride=stride, warm_up=warm_up, split=None if n == 1 else args.split,
-                       timeout=args.timeout, devices=["cpu"] * world if job["mode"] == "threads" else None,
-                       cfg_parallel=job["mode"] in ("cfg", "asyncdiff-cfg"))
+                       timeout=args.timeout, devices=devices,
+                       cfg_parallel=job["mode"] in ("cfg", "cfg-threads", "asyncdiff-cfg"))
         # every rank enters each timed call together (the transport's barrier, when it has one)
         link = getattr(getattr(ad, "_mode", None), "transport", None)
         barrier = getattr(link, "barrier", None) or barrier
@@ -205,7 +208,7 @@ def main(argv=None):
         if m not in ("sd15", "digits"):
             raise SystemExit(f"--models: unknown model {m!r} (expected sd15, digits)")
     configs = [("plain", 1, 1), ("plain", 1, world), ("asyncdiff", world, 1), ("threads", 1, world),
-               ("warm-up", world, 1), ("cfg", 2, 1), ("asyncdiff-cfg", 2 * world, 1)]
+               ("warm-up", world, 1), ("cfg", 2, 1), ("cfg-threads", 1, 2), ("asyncdiff-cfg", 2 * world, 1)]
     configs = list(dict.fromkeys(configs))  # world 1: the first two are the same
     wanted = {r.strip() for r in args.rows.split(",")} if args.rows else None
     configs = [c for c in configs
@@ -238,6 +241,7 @@ def main(argv=None):
             label = {"asyncdiff": "AsyncDiff", "threads": f"AsyncDiff in-process, {world} threads",
                      "warm-up": "AsyncDiff, every step a warm-up step (sharded: through the owners)",
                      "cfg": "CFG parallel alone (model_n=1, cfg_parallel)",
+                     "cfg-threads": "CFG parallel alone in-process, 2 threads",
                      "asyncdiff-cfg": "AsyncDiff + CFG parallel"}.get(mode, "plain")
             try:
                 r = run_config(model, mode, procs, threads, args)

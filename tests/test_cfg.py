@@ -136,9 +136,39 @@ def test_flux_and_bad_options_are_refused(pipes):
         AsyncDiff(pipes("flux"), model_n=2, cfg_parallel=True)
     with pytest.raises(TypeError, match="cfg_parallel: expected a bool"):
         AsyncDiffConfig(cfg_parallel=1)
-    with pytest.raises(ValueError, match="cfg_parallel: not available with devices="):
-        AsyncDiffConfig(cfg_parallel=True, devices=["cpu"] * 4)
+    with pytest.raises(ValueError, match=r"devices: 2 given, but 2 \* \(model_n \+ stride - 1\) = 4 ranks"):
+        AsyncDiffConfig(cfg_parallel=True, devices=["cpu"] * 2)
     assert AsyncDiffConfig(model_n=3, stride=2, cfg_parallel=True).world_size == 8
+
+
+@pytest.mark.parametrize("n,stride", [(2, 1), (1, 1), (3, 2)])
+@pytest.mark.parametrize("copies", ["0", "1"])
+def test_devices_in_one_process_equal_emulation(pipes, monkeypatch, n, stride, copies):
+    # devices=: both groups' forwards in one round of threads; ASYNCDIFF_REPLICAS=1 takes the path of
+    # several GPUs on the CPU (the second group's rank 0 gets a whole copy, the others their blocks)
+    pipe = pipes("sd15")
+    monkeypatch.setenv("ASYNCDIFF_REPLICAS", copies)
+    world = 2 * (n + stride - 1)
+    options = dict(model_n=n, stride=stride, time_shift=stride == 2, cfg_parallel=True)
+    expected, emulated = run(pipe, "sd15", {}, **options)
+    ad = AsyncDiff(pipe, devices=["cpu"] * world, **options)
+    try:
+        got = call(pipe, "sd15")
+        held = {g: {r: {u for u in ad.split.owner if any(not t.is_meta for t in ad.layout.module(u, c).parameters())}
+                    for r, c in mode.replicas.items()} for g, mode in enumerate(ad._modes)}
+    finally:
+        ad.remove()
+    assert torch.equal(got, expected)
+    assert ad.counts == emulated.counts and {r for r, _ in ad.counts} == set(range(world))
+    if copies == "1":
+        assert set(held[0]) == set(range(1, world // 2)) and set(held[1]) == set(range(world // 2))
+        assert held[1][0] == set(ad.split.owner)  # the second group's warm-up runs whole on its own device
+        for g in (0, 1):
+            for r, units in held[g].items():
+                if r:
+                    assert units == set(ad.split.components[min(r, n - 1)]), (g, r)
+    else:
+        assert not held[0] and not held[1]
 
 
 CONFIGS = [  # one launch of 6 ranks: stride 2 on all, then 4 ranks, then the 2-rank configuration
