@@ -174,7 +174,8 @@ def test_devices_in_one_process_equal_emulation(pipes, monkeypatch, n, stride, c
 CONFIGS = [  # one launch of 6 ranks: stride 2 on all, then 4 ranks, then the 2-rank configuration
     # stride 2 (an event every other call, the join every call), an even warm-up, time_shift
     dict(id="sd15-n2s2", arch="sd15", call={}, stride=2, warm_up=2, time_shift=True, world=6),
-    dict(id="sd15-n2-one", arch="sd15", call={}, keep_weights=True),  # halves of one row
+    # halves of one row; whole weights and warm_up 2: the first join comes before any slot layout
+    dict(id="sd15-n2-one", arch="sd15", call={}, keep_weights=True, warm_up=2),
     dict(id="sd15-n2-four", arch="sd15", call=FOUR),  # (a new pipeline: this one is sharded)
     dict(id="sdxl-n2-four", arch="sdxl", call=FOUR, encoders="rank0"),
     dict(id="sd15-n1", arch="sd15", call=FOUR, model_n=1, split="auto", world=2),
