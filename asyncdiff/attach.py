@@ -116,7 +116,8 @@ class AsyncDiff:
         ``model_n + stride - 1`` ranks running the asynchronous schedule;
         the halves are joined after every denoiser call, so a launch has
         ``2 * (model_n + stride - 1)`` ranks.  In emulation the two groups
-        are played in turn.  Every call must use guidance (a batch of two
+        are played in turn; with ``devices=`` (twice as many devices) they
+        run at the same time.  Every call must use guidance (a batch of two
         halves); Flux (distilled guidance) is refused.
     """
 
