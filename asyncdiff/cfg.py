@@ -19,6 +19,7 @@ emulation; a rank's loop has joined with its twin already, ``RankStep``).
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -81,14 +82,6 @@ class Halves:
         self.signature = signature
         self.first = first
 
-    @property
-    def mode(self):
-        return self.loops[0][1].mode
-
-    def reset(self):
-        for _, loop in self.loops:
-            loop.reset()
-
     def _check(self, bound) -> int:
         if getattr(self.pipeline, "do_classifier_free_guidance", True) is False:
             raise ValueError("cfg_parallel: this pipeline call does no classifier-free guidance (guidance_scale "
@@ -106,13 +99,14 @@ class Halves:
 
     def __call__(self, forward, args, kwargs):
         try:
-            batch = self._check(self.signature.bind(*args, **kwargs))
+            bound = self.signature.bind(*args, **kwargs)
+            batch = self._check(bound)
             half = batch // GROUPS
             cuts = []
-            for group, _ in self.loops:
-                cut = self.signature.bind(*args, **kwargs)
-                for name, value in cut.arguments.items():
-                    cut.arguments[name] = _cut(value, batch, group * half, (group + 1) * half)
+            for group, _ in self.loops:  # one binding, cut once per group this process plays
+                lo, hi = group * half, (group + 1) * half
+                cut = inspect.BoundArguments(self.signature, {name: _cut(value, batch, lo, hi)
+                                                              for name, value in bound.arguments.items()})
                 cuts.append((cut.args, cut.kwargs))
             if self.together:
                 outs = self._together(forward, cuts)

@@ -208,11 +208,9 @@ class RankStep:
             # both groups use the same slot layout: each writes in a copy of its own, the
             # group's index times the layout's size on (shared memory has one buffer for all)
             size, span = self.group[1], self.slots.nbytes
-            if shift:
-                sends = [(tuple(self.base + r for r in dsts), off, t) for dsts, off, t in sends]
-                recvs = [(self.base + src, off, t) for src, off, t in recvs]
-            sends = [(dsts, self.group[0] * span + off, t) for dsts, off, t in sends]
-            recvs = [(src, src // size * span + off, t) for src, off, t in recvs]
+            by, mine = (self.base if shift else 0), self.group[0] * span
+            sends = [(tuple(by + r for r in dsts), mine + off, t) for dsts, off, t in sends]
+            recvs = [(by + src, (by + src) // size * span + off, t) for src, off, t in recvs]
         t0 = time.perf_counter()
         self.transport.exchange(self.seq, sends, recvs, tag=tag)
         self.took[where] += time.perf_counter() - t0

@@ -67,8 +67,7 @@ def _to(obj, device: torch.device):
 class Threads(Emulation):
     kind = "threads"
 
-    def __init__(self, world: int, units_of: dict, devices: tuple, replicate: bool | None = None, *,
-                 home=None, sharing: int | None = None):
+    def __init__(self, world: int, units_of: dict, devices: tuple, *, home=None, sharing: int | None = None):
         super().__init__(world, units_of)
         self.devices = tuple(torch.device(d) for d in devices)
         # cfg_parallel (docs/design.md §6.7): the second group's mode has devices of its own; its rank 0
@@ -78,9 +77,7 @@ class Threads(Emulation):
         self.home = self.devices[0] if home is None else torch.device(home)
         # one replica per rank whose device differs from rank 0's; ASYNCDIFF_REPLICAS=1 makes
         # them on one device too (the tests check the replica path on the CPU that way)
-        if replicate is None:
-            replicate = len(set(self.devices)) > 1 or os.environ.get("ASYNCDIFF_REPLICAS") == "1"
-        self.replicate = replicate
+        self.replicate = len(set(self.devices)) > 1 or os.environ.get("ASYNCDIFF_REPLICAS") == "1"
         # ASYNCDIFF_ONE_HOST_THREAD=1: issue every rank's work from the caller's thread, one rank after
         # the other (on GPUs the kernels still overlap: launches do not wait); for measuring which is faster
         self.one_host_thread = os.environ.get("ASYNCDIFF_ONE_HOST_THREAD") == "1"
